@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random models of several architectures, built from configs in code,
+a character-level tokenizer built in code, and the real models of ../shared/models."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+
+# Tiny configs: 4 blocks, d_model 32. Keys are transformers model_type names.
+TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+            vocab_size=128, max_position_embeddings=128,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+ARCHS = {
+    "llama": dict(num_key_value_heads=2),
+    "mistral": dict(num_key_value_heads=2, sliding_window=None),
+    "qwen2": dict(num_key_value_heads=2),
+    "qwen3": dict(num_key_value_heads=2, head_dim=8),
+    "gemma": dict(num_key_value_heads=1, head_dim=8),
+    "gemma2": dict(num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=8),
+    "gpt2": dict(n_embd=32, n_layer=4, n_head=4, n_positions=128),
+    "gpt_neox": dict(),
+    "gptj": dict(n_embd=32, n_layer=4, n_head=4, n_positions=128, rotary_dim=4),
+    "phi": dict(),
+    "phi3": dict(num_key_value_heads=4, pad_token_id=0),
+    "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
+    "falcon": dict(new_decoder_architecture=False, multi_query=True),
+    "olmo": dict(),
+}
+FAST_ARCHS = ["llama", "qwen2", "gemma2", "gpt2", "gpt_neox", "opt"]
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (printable ASCII, BOS/EOS/PAD), built in memory."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_model(arch: str, seed: int = 0):
+    """A random ``arch`` causal LM with 4 blocks of width 32, float32, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(TINY)
+    kw.update(ARCHS[arch])
+    cfg = AutoConfig.for_model(arch, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return model.eval()
+
+
+def tiny_loaded(arch: str, seed: int = 0):
+    from melbo.models import wrap_model
+
+    return wrap_model(tiny_model(arch, seed), char_tokenizer(), name=f"tiny-{arch}")
+
+
+@pytest.fixture(params=FAST_ARCHS)
+def loaded(request):
+    return tiny_loaded(request.param)
+
+
+def shared_model_path(name: str) -> Path:
+    path = SHARED_MODELS / name
+    if not (path / "config.json").exists():
+        pytest.skip(f"real model {name} not found at {path} (../shared/models is absent outside the project's machines)")
+    return path
