@@ -55,6 +55,27 @@ model_options = _options(
                  help="Dotted path of the decoder blocks, for architectures melbo does not know (e.g. transformer.h)."),
 )
 
+dct_train_options = _options(
+    click.option("--method", type=click.Choice(["melbo", "dct"]), default="melbo",
+                 help="melbo: vectors trained one by one (METHOD.md section 1). dct: deep causal transcoding, all "
+                      "factors at once (section 5; defaults then: --radius auto, --positions last:3); the bank "
+                      "holds all factors ranked by α², the top --num-vectors are evaluated."),
+    click.option("--writes-only", is_flag=True,
+                 help="Measure only what the blocks write (Z(θ) − θ, METHOD.md section 5 'The residual path'), "
+                      "for MELBO and DCT alike."),
+    click.option("--lambda", "lam", type=float, default=0.5,
+                 help="Target nonlinearity ratio λ of --radius auto (calibration, METHOD.md section 5)."),
+    click.option("--factors", type=int, default=None, help="DCT: number of factors m. Default: 512, or d_model if smaller."),
+    click.option("--iterations", type=int, default=10, help="DCT: orthogonalized gradient iterations τ."),
+    click.option("--dct-sigma", type=click.Choice(["exp", "linear", "quadratic"]), default="exp",
+                 help="DCT: activation σ of the model Δ(Rθ) ≈ Σ α σ(⟨v,θ⟩) u."),
+    click.option("--dct-init", type=click.Choice(["jacobian", "svd", "random"]), default="jacobian",
+                 help="DCT: v = normalize(Jᵀu) for random u; SVD of a 32-row random projection of J; or random."),
+    click.option("--orthogonalize", type=click.Choice(["qr", "soft"]), default="qr",
+                 help="DCT: orthogonalization of V each iteration (QR with diag(R) > 0, or soft)."),
+    click.option("--beta", type=float, default=1.0, help="DCT: damping β in (0, 1] (1: none)."),
+)
+
 
 @cli.command()
 @click.option("--model", required=True, help="Hub id or local folder of a causal language model.")
@@ -67,8 +88,9 @@ model_options = _options(
               help="Block whose output activations the objective measures. Default: L-8 for models of 20+ "
                    "blocks, else source + L//2 (at most L-1).")
 @click.option("--radius", default="1x",
-              help="R, the norm of every steering vector: a number (residual-stream units) or a multiple of the "
-                   "mean residual norm at the source layer, like 0.5x.")
+              help="R, the norm of every steering vector: a number (residual-stream units), a multiple of the "
+                   "mean residual norm at the source layer like 0.5x, or auto (calibrated: the R where Δ's "
+                   "nonlinearity ratio is --lambda, METHOD.md section 5). Default for --method dct: auto.")
 @click.option("--p", "p", type=float, default=2.0,
               help="Power on each position's distance ‖Z(θ)−Z(0)‖ (2; 4 concentrates on few positions).")
 @click.option("--q", "q", type=float, default=1.0, help="Each prompt's sum over positions is raised to 1/q (1 or p).")
@@ -81,11 +103,21 @@ model_options = _options(
               help="Run folder: bank.safetensors, completions.jsonl, summary.md.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out without redoing finished vectors.")
 @click.option("--heldout-prompt", multiple=True, help="A prompt to generate on but not train on (repeatable).")
+@click.option("--kind", type=click.Choice(["vector", "adapter"]), default="vector",
+              help="vector: steering vectors; adapter: rank-r steering adapters W' = W + R·Ω_B Ω_Aᵀ of the source "
+                   "block's MLP output weight (METHOD.md section 2), saved as PEFT LoRA folders. For adapters, "
+                   "--radius kx sets R so that the random starts add k x the residual norm to the MLP output.")
+@click.option("--rank", type=int, default=None, help="Adapter rank r (--kind adapter). Default: min(64, d_model).")
+@click.option("--mlp-module", default=None,
+              help="Dotted path of the MLP output projection inside a block (--kind adapter), for architectures "
+                   "melbo does not know (e.g. mlp.down_proj).")
 @generation_options
 @model_options
+@dct_train_options
 def train(model, prompt, prompts_file, source_layer, target_layer, radius, p, q, positions, num_vectors, steps,
           lr, seed, out, resume, heldout_prompt, max_new_tokens, temperature, top_p, chat, device, dtype,
-          blocks_path):
+          blocks_path, method, writes_only, lam, factors, iterations, dct_sigma, dct_init, orthogonalize, beta,
+          kind="vector", rank=None, mlp_module=None):
     """Train unsupervised steering vectors (MELBO, METHOD.md section 1) and a random baseline.
 
     Each vector θ (norm R) is added to the residual stream after the source layer and trained to
@@ -95,6 +127,11 @@ def train(model, prompt, prompts_file, source_layer, target_layer, radius, p, q,
     from melbo.generate import GenerationConfig
     from melbo.run import RunSpec, run_train
 
+    if method == "dct":  # DCT's own defaults where the user left MELBO's
+        ctx = click.get_current_context()
+        default = click.core.ParameterSource.DEFAULT
+        radius = "auto" if ctx.get_parameter_source("radius") == default else radius
+        positions = "last:3" if ctx.get_parameter_source("positions") == default else positions
     spec = RunSpec(
         model=model, prompts=_read_prompts(prompt, prompts_file), out=out, radius=radius,
         source_layer=source_layer, target_layer=target_layer, p=p, q=q, positions=positions,
@@ -102,8 +139,28 @@ def train(model, prompt, prompts_file, source_layer, target_layer, radius, p, q,
         generation=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                     chat=chat, seed=seed),
         resume=resume, device=device, dtype=dtype, blocks_path=blocks_path,
+        method=method, writes_only=writes_only, calibration_lambda=lam,
+        dct_options=dict(num_factors=factors, iterations=iterations, sigma=dct_sigma, init=dct_init,
+                         orthogonalize=orthogonalize, beta=beta),
     )
-    print_run_summary(run_train(spec))
+    if kind == "adapter":
+        if method != "melbo" or writes_only:
+            raise MelboError(f"--kind adapter trains with MELBO's objective only; drop --method {method}"
+                             f"{' and --writes-only' if writes_only else ''}")
+        from melbo.adapter import run_adapter_train
+
+        summary = run_adapter_train(spec, rank=rank, mlp_module=mlp_module)
+        print_run_summary(summary)
+        click.echo(f"adapters: {summary['out']}/adapters.safetensors and PEFT LoRA folders "
+                   f"{summary['out']}/peft/adapter_NNN (rank {summary['rank']}); mean ‖R·Ω_B Ω_Aᵀ x‖ "
+                   f"{summary['mean_perturbation_norm']:.4g} learned, {summary['mean_random_perturbation_norm']:.4g} random")
+        return
+    summary = run_train(spec)
+    print_run_summary(summary)
+    if summary.get("method") == "dct":
+        cal = f", calibration {summary['calibration_seconds']:.2f} s" if summary.get("calibration_seconds") else ""
+        click.echo(f"DCT: {summary['num_factors']} factors fitted in {summary['fit_seconds']:.2f} s{cal}; "
+                   f"top {summary['evaluated']} by α² evaluated")
 
 
 def print_run_summary(summary: dict) -> None:
@@ -168,6 +225,63 @@ def generate(bank, prompt, prompts_file, vectors, scale, use_random, model, laye
         click.echo(f"=== prompt: {p}")
         for label, c in zip(labels, comps):
             click.echo(f"--- {label}: {c[i]}")
+
+
+@cli.command()
+@click.option("--model", required=True, help="Hub id or local folder of a causal language model.")
+@click.option("--prompt", multiple=True, help="A prompt (repeatable); Δ averages over prompts.")
+@click.option("--prompts-file", type=click.Path(), default=None, help="Text file with one prompt per line.")
+@click.option("--source-layer", type=int, default=None, help="Block after which θ is added (default as in train).")
+@click.option("--target-layer", type=int, default=None, help="Block whose output Δ measures (default as in train).")
+@click.option("--positions", default="last:3", help="Token positions Δ averages over: all, last:K, or indices.")
+@click.option("--lambda", "lam", type=float, default=0.5, help="Target nonlinearity ratio λ.")
+@click.option("--directions", type=int, default=30, help="Random unit directions.")
+@click.option("--bracket", default="0.001,100", help="Search interval lo,hi for R (residual-stream units).")
+@click.option("--writes-only", is_flag=True, help="Measure only what the blocks write (Δ(θ) − θ).")
+@click.option("--seed", type=int, default=0, help="Seed of the random directions.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the result (and curve) here.")
+@click.option("--chat", is_flag=True, help="Wrap prompts in the tokenizer's chat template (when it has one).")
+@model_options
+def calibrate(model, prompt, prompts_file, source_layer, target_layer, positions, lam, directions, bracket,
+              writes_only, seed, json_path, chat, device, dtype, blocks_path):
+    """Calibrate the radius R of steering vectors (METHOD.md section 5).
+
+    Solves sqrt(Σ_v ‖Δ(r v) − r J v‖² / Σ_v ‖r J v‖²) = λ for r with Brent's method, over random
+    unit directions v (J v by forward-mode JVPs, eager attention). Prints R and the ratio curve;
+    no root in the bracket is an error (exit 2) that shows the ratio at both ends.
+    """
+    import json
+
+    from melbo.calibrate import CalibrationError, calibrate_radius, format_curve
+    from melbo.dct import DeltaMap
+    from melbo.models import load_model
+    from melbo.prompts import check_prompts
+
+    prompts = check_prompts(_read_prompts(prompt, prompts_file))
+    try:
+        lo_hi = tuple(float(x) for x in bracket.split(","))
+    except ValueError:
+        raise MelboError(f"bad --bracket {bracket!r}; give lo,hi like 0.001,100") from None
+    if len(lo_hi) != 2:
+        raise MelboError(f"bad --bracket {bracket!r}; give lo,hi like 0.001,100")
+    lm = load_model(model, device, dtype, blocks_path)
+    delta = DeltaMap.from_model(lm, prompts, source_layer, target_layer, positions, writes_only, chat)
+    norm = delta.residual_norm()
+    where = (f"layers {delta.source_layer} -> {delta.target_layer}, positions {positions}, "
+             f"{'writes only' if writes_only else 'residual path kept'}")
+    try:
+        cal = calibrate_radius(delta, lam, directions, lo_hi, seed)
+    except CalibrationError as e:
+        click.echo(f"no calibrated R ({where}); ratio curve:", err=True)
+        click.echo(format_curve(e.curve, lam), err=True)
+        raise
+    click.echo(f"R = {cal.radius:.6g} (λ = {lam:g}, ratio {cal.ratio:.4g}; {directions} directions; {where}; "
+               f"mean residual norm at the source {norm:.4g}, R = {cal.radius / norm:.3g}x; {cal.seconds:.2f} s)")
+    click.echo(format_curve(cal.curve, lam, cal.radius))
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump({**cal.to_dict(), "model": model, "prompts": prompts, "source_layer": delta.source_layer,
+                       "target_layer": delta.target_layer, "positions": positions, "residual_norm": norm}, f, indent=2)
 
 
 DEMO_PROMPT = "Once upon a time, there was a little girl named Lily."

@@ -50,6 +50,9 @@ class Slice:
         blocks: its decoder blocks.
         batch: the prompts (:func:`melbo.prompts.encode_prompts`), on any device.
         src, tgt: block indices, ``0 <= src < tgt < L``.
+        writes_only: measure only what blocks ``src+1..tgt`` write (METHOD.md section 5, "The
+            residual path"): calls return ``Z(θ) − θ``, so ``Z(θ) − Z(0)`` no longer contains θ
+            itself. ``z0`` is unchanged (θ = 0). Default False: plain ``Z(θ)``.
 
     Attributes:
         h_src: ``[n, T, d_model]`` residual stream after block ``src`` (unsteered).
@@ -57,10 +60,12 @@ class Slice:
         mask: ``[n, T]`` bool, the positions that count (never padding).
     """
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, batch: PromptBatch, src: int, tgt: int):
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, batch: PromptBatch, src: int, tgt: int,
+                 writes_only: bool = False):
         if not 0 <= src < tgt < len(blocks):
             raise ValueError(f"need 0 <= src < tgt < {len(blocks)}, got src={src}, tgt={tgt}")
         self.blocks, self.src, self.tgt = blocks, src, tgt
+        self.writes_only = bool(writes_only)
         device = next(model.parameters()).device
         batch = batch.to(device)
         self.mask = batch.target_mask
@@ -107,11 +112,14 @@ class Slice:
             theta: ``[V, d_model]`` steering vectors (any float dtype; cast to the model's).
 
         Returns:
-            ``[V, n, T, d_model]``: ``Z(θ_v)`` for every vector ``v`` and prompt.
+            ``[V, n, T, d_model]``: ``Z(θ_v)`` for every vector ``v`` and prompt (``Z(θ_v) − θ_v``
+            with ``writes_only``).
         """
         V = theta.shape[0]
-        h = self.h_src[None] + theta.to(self.h_src.dtype)[:, None, None, :]
-        return self.run_blocks(h.reshape(V * self.n, *self.h_src.shape[1:])).reshape(V, *self.z0.shape)
+        th = theta.to(self.h_src.dtype)[:, None, None, :]
+        h = self.h_src[None] + th
+        z = self.run_blocks(h.reshape(V * self.n, *self.h_src.shape[1:])).reshape(V, *self.z0.shape)
+        return z - th if self.writes_only else z
 
     def run_blocks(self, h: torch.Tensor) -> torch.Tensor:
         """Run blocks ``src+1..tgt`` on ``h`` of shape ``[V*n, T, d_model]`` (vector-major)."""

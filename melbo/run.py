@@ -75,6 +75,10 @@ class RunSpec:
     dtype: str = "auto"
     blocks_path: str | None = None
     show_progress: bool = True
+    method: str = "melbo"
+    writes_only: bool = False
+    calibration_lambda: float = 0.5
+    dct_options: dict = field(default_factory=dict)
 
 
 def _check_out(out: Path, resume: bool) -> None:
@@ -105,14 +109,26 @@ def similarity(a: str, b: str) -> float:
 def run_train(spec: RunSpec, lm: LoadedModel | None = None) -> dict:
     """Run MELBO end to end and write the run folder. Returns the summary as a dict.
 
+    ``spec.method == "dct"`` runs deep causal transcoding instead (:func:`melbo.dct.run_dct`, same
+    folder and bank format); ``spec.radius == "auto"`` calibrates R (METHOD.md section 5);
+    ``spec.writes_only`` measures only what the blocks write (``Z(θ) − θ``).
+
     Raises:
         MelboError: any bad input (checked before anything is written).
     """
+    from melbo.dct import auto_radius, is_auto, run_dct
+
+    if spec.method == "dct":
+        return run_dct(spec, lm)
+    if spec.method != "melbo":
+        raise MelboError(f"unknown method {spec.method!r}; allowed: melbo, dct")
     check_prompts(spec.prompts)
     for p in spec.heldout:
         check_prompts([p])
     positions = parse_positions(spec.positions)
-    r_value, r_relative = parse_radius(spec.radius)
+    auto = is_auto(spec.radius)
+    r_value, r_relative = (1.0, False) if auto else parse_radius(spec.radius)
+    check_positive("calibration ratio λ", spec.calibration_lambda)
     TrainConfig(radius=1.0, p=spec.p, q=spec.q, num_vectors=spec.num_vectors, steps=spec.steps, lr=spec.lr)
     out = Path(spec.out)
     _check_out(out, spec.resume)
@@ -123,9 +139,11 @@ def run_train(spec: RunSpec, lm: LoadedModel | None = None) -> dict:
     src, tgt = check_layers(d_src if spec.source_layer is None else spec.source_layer,
                             d_tgt if spec.target_layer is None else spec.target_layer, L)
     batch = encode_prompts(lm.tokenizer, spec.prompts, positions, spec.generation.chat)
-    slice_ = Slice(lm.model, lm.blocks, batch, src, tgt)
+    slice_ = Slice(lm.model, lm.blocks, batch, src, tgt, writes_only=spec.writes_only)
     residual_norm = slice_.mean_norm()
     radius = r_value * residual_norm if r_relative else r_value
+    calibration = auto_radius(lm, batch, src, tgt, spec.writes_only, spec.calibration_lambda, spec.seed) if auto else None
+    radius = calibration.radius if calibration else radius
     cfg = TrainConfig(radius=radius, p=spec.p, q=spec.q, num_vectors=spec.num_vectors, steps=spec.steps,
                       lr=spec.lr, seed=spec.seed)
     meta = {
@@ -135,6 +153,7 @@ def run_train(spec: RunSpec, lm: LoadedModel | None = None) -> dict:
         "prompts": list(spec.prompts), "chat": spec.generation.chat, "steps": spec.steps,
         "lr": cfg.learning_rate(lm.d_model), "lr_spec": spec.lr, "betas": list(cfg.betas),
         "weight_decay": cfg.weight_decay, "seed": spec.seed, "vectors": [],
+        "writes_only": spec.writes_only, "calibration": calibration.to_dict() if calibration else None,
     }
     done = None
     if spec.resume:

@@ -1,0 +1,95 @@
+"""PNG pictures of a bank's measures (METHOD.md section 3): KL divergence and vector norms over
+the vector index, raw and with a moving average.
+
+Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it works on
+machines without a display and does not disturb a user's interactive session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from melbo.measure import effective_window, kl_label, moving_average
+
+
+def plot_curves(path: str | os.PathLike, series: dict[str, "np.ndarray | list[float]"], ylabel: str, title: str,
+                window: int = 50, xlabel: str = "vector index k", hlines: dict[str, float] | None = None,
+                logy: bool = False) -> Path:
+    """Plot each series over its index, raw (thin) and with a moving average (thick).
+
+    Args:
+        path: the PNG to write (its folder is created).
+        series: label -> values (the index is the position in the list).
+        ylabel, title, xlabel: axis texts (state units and, for KL, the direction).
+        window: moving-average window, shrunk for short series (:func:`melbo.measure.effective_window`).
+        hlines: label -> y of horizontal reference lines (e.g. the base vector's norm).
+        logy: logarithmic y axis (non-positive values are not drawn).
+
+    Returns the path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(10, 5.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
+    for (label, values), color in zip(series.items(), colors):
+        y = np.asarray(values, dtype=np.float64)
+        x = np.arange(len(y))
+        ax.plot(x, y, color=color, alpha=0.45, linewidth=1, marker="." if len(y) <= 200 else None,
+                label=f"{label}")
+        w = effective_window(len(y), window)
+        if w > 1 and len(y) >= w:
+            ma = moving_average(y, w)
+            ax.plot(np.arange(len(ma)) + (w - 1) / 2, ma, color=color, linewidth=2.2,
+                    label=f"{label}, moving average (window {w})")
+    for label, y in (hlines or {}).items():
+        ax.axhline(y, color="gray", linestyle="--", linewidth=1, label=label)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return path
+
+
+def plot_measures(out_dir: str | os.PathLike, norms, kl_reference=None, kl_unsteered=None,
+                  direction: str = "k||ref", reference_index: int | None = 0, window: int = 50,
+                  title: str = "", base_norm: float | None = None) -> list[Path]:
+    """Write ``norms.png`` and (when KL values are given) ``kl.png`` into ``out_dir``.
+
+    Args:
+        norms: ``[V]`` vector norms (residual-stream units).
+        kl_reference, kl_unsteered: ``[V]`` KL divergences (nats) against the reference vector
+            and against the unsteered model, direction ``direction`` (see :mod:`melbo.measure`).
+        reference_index: row of the reference vector in the bank (for the labels).
+        title: prefix of both titles (e.g. the bank and prompt).
+        base_norm: drawn as a horizontal line on the norm plot.
+
+    Returns the paths written.
+    """
+    out = Path(out_dir)
+    ref = "ref" if reference_index is None else str(reference_index)
+    paths = [plot_curves(out / "norms.png", {"‖θ_k‖₂": norms}, "norm ‖θ_k‖₂ (residual-stream units)",
+                         f"{title}norm of each vector", window,
+                         hlines={f"norm of vector {ref}: {base_norm:.3g}": base_norm} if base_norm else None)]
+    series = {}
+    if kl_reference is not None:
+        series[f"{kl_label(direction, ref)}: steered by θ_k vs by θ_{ref}"] = kl_reference
+    if kl_unsteered is not None:
+        series[f"{kl_label(direction, 'unsteered')}: steered by θ_k vs unsteered"] = kl_unsteered
+    if series:
+        label = kl_label(direction, ref if kl_reference is not None else "unsteered")
+        paths.append(plot_curves(out / "kl.png", series, f"{label} (nats)",
+                                 f"{title}next-token KL at the last prompt position, P_k = steered by θ_k", window))
+    return paths
