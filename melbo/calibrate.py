@@ -163,7 +163,9 @@ def calibrate_radius(delta, lam: float = 0.5, num_directions: int = 30,
         best = max(range(len(values)), key=lambda i: values[i])
         hint = ("measure only what the blocks write (writes_only / --writes-only): with the residual path "
                 "kept, a shallow slice's Jacobian is near the identity and the ratio stays small"
-                if not writes_only else "use a deeper slice, a larger bracket or a smaller λ")
+                if not writes_only else "use a deeper slice or a smaller λ")
+        if best == len(values) - 1:
+            hint = f"the ratio is still rising at r = {hi:g}: try a larger upper bound of the bracket; or " + hint
         raise CalibrationError(
             f"no root in the bracket: the nonlinearity ratio stays below λ = {lam:g} on [{lo:g}, {hi:g}] "
             f"(ratio {values[0]:.3g} at r = {lo:g}, {values[-1]:.3g} at r = {hi:g}, at most {values[best]:.3g} "
@@ -180,7 +182,14 @@ def calibrate_radius(delta, lam: float = 0.5, num_directions: int = 30,
 def format_curve(curve: list[tuple[float, float]], lam: float | None = None, radius: float | None = None,
                  max_rows: int = 25) -> str:
     """A plain-text table of ``(r, ratio)``, thinned to ``max_rows``, marking λ's crossing."""
-    rows = list(curve)
+    rows = []
+    for r, x in sorted(curve):                     # Brent's evaluations cluster near R: keep one of each
+        is_r = radius is not None and math.isclose(r, radius, rel_tol=1e-9)
+        if rows and math.isclose(r, rows[-1][0], rel_tol=1e-3) and not is_r:
+            continue
+        if rows and is_r and math.isclose(r, rows[-1][0], rel_tol=1e-3):
+            rows.pop()
+        rows.append((r, x))
     if len(rows) > max_rows:
         step = len(rows) / max_rows
         keep = {int(i * step) for i in range(max_rows)} | {len(rows) - 1}

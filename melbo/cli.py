@@ -106,8 +106,11 @@ dct_train_options = _options(
 @click.option("--kind", type=click.Choice(["vector", "adapter"]), default="vector",
               help="vector: steering vectors; adapter: rank-r steering adapters W' = W + R·Ω_B Ω_Aᵀ of the source "
                    "block's MLP output weight (METHOD.md section 2), saved as PEFT LoRA folders. For adapters, "
-                   "--radius kx sets R so that the random starts add k x the residual norm to the MLP output.")
+                   "--radius kx sets R so that the random starts add k x the residual norm to the MLP output "
+                   "(default for adapters 0.01x: trained adapters add ~20x more than their start).")
 @click.option("--rank", type=int, default=None, help="Adapter rank r (--kind adapter). Default: min(64, d_model).")
+# --kind adapter without --radius: the random starts add 0.01 x the residual norm to the MLP output; training
+# then grows that ~20-25x (measured on stories260k at r = 64), to ~0.2x, where completions change but stay fluent.
 @click.option("--mlp-module", default=None,
               help="Dotted path of the MLP output projection inside a block (--kind adapter), for architectures "
                    "melbo does not know (e.g. mlp.down_proj).")
@@ -123,6 +126,9 @@ def train(model, prompt, prompts_file, source_layer, target_layer, radius, p, q,
     Each vector θ (norm R) is added to the residual stream after the source layer and trained to
     maximize Σ_i (Σ_t ‖Z_i,t(θ) − Z_i,t(0)‖^p)^(1/q), the change of the target layer's
     activations over the chosen token positions; vectors are mutually orthogonal.
+
+    --method dct fits a deep causal transcoder instead (METHOD.md section 5): m factors at once,
+    steering vectors R·v ranked by α², written to the same kind of bank.
     """
     from melbo.generate import GenerationConfig
     from melbo.run import RunSpec, run_train
@@ -132,6 +138,9 @@ def train(model, prompt, prompts_file, source_layer, target_layer, radius, p, q,
         default = click.core.ParameterSource.DEFAULT
         radius = "auto" if ctx.get_parameter_source("radius") == default else radius
         positions = "last:3" if ctx.get_parameter_source("positions") == default else positions
+    if kind == "adapter" and click.get_current_context().get_parameter_source("radius") == \
+            click.core.ParameterSource.DEFAULT:
+        radius = ADAPTER_RADIUS  # learned adapters grow ~20-25x past their random start (stories260k, r = 64)
     spec = RunSpec(
         model=model, prompts=_read_prompts(prompt, prompts_file), out=out, radius=radius,
         source_layer=source_layer, target_layer=target_layer, p=p, q=q, positions=positions,
@@ -163,6 +172,9 @@ def train(model, prompt, prompts_file, source_layer, target_layer, radius, p, q,
                    f"top {summary['evaluated']} by α² evaluated")
 
 
+ADAPTER_RADIUS = "0.01x"
+
+
 def print_run_summary(summary: dict) -> None:
     """Print the learned-versus-random comparison of a run and where its files are."""
     L, R = summary["learned"], summary["random"]
@@ -179,7 +191,7 @@ def print_run_summary(summary: dict) -> None:
 
 
 @cli.command()
-@click.option("--bank", required=True, type=click.Path(), help="A bank.safetensors written by melbo.")
+@click.option("--bank", default=None, type=click.Path(), help="A bank.safetensors written by melbo (or give --adapter).")
 @click.option("--prompt", multiple=True, help="A prompt (repeatable).")
 @click.option("--prompts-file", type=click.Path(), default=None, help="Text file with one prompt per line.")
 @click.option("--vectors", default="all", help="Which vectors of the bank: all, or indices like 0,3 or ranges like 0-7.")
@@ -189,22 +201,39 @@ def print_run_summary(summary: dict) -> None:
 @click.option("--model", default=None, help="Model to apply the bank to (default: the one in the bank's metadata).")
 @click.option("--layer", type=int, default=None, help="Block to add vectors after (default: the bank's source layer).")
 @click.option("--no-unsteered", is_flag=True, help="Do not print the unsteered completion.")
+@click.option("--adapter", default=None, type=click.Path(),
+              help="Apply steering adapters instead of vectors: a PEFT LoRA folder (e.g. RUN/peft/adapter_003), or the "
+                   "folder of a melbo train --kind adapter run (then --vectors picks adapters, --random the baseline).")
+@click.option("--rescale", type=float, default=None,
+              help="Also apply each chosen vector (and the --mean) rescaled to this norm, beside the original.")
+@click.option("--mean", "mean_of", default=None,
+              help="Also apply the mean of these vectors, like 3,5,8 or 1-20 (with the default --vectors: only them).")
 @generation_options
 @model_options
 def generate(bank, prompt, prompts_file, vectors, scale, use_random, model, layer, no_unsteered, max_new_tokens,
-             temperature, top_p, chat, device, dtype, blocks_path):
-    """Generate completions of new prompts with vectors of a bank applied (each vector alone)."""
+             temperature, top_p, chat, device, dtype, blocks_path, adapter=None, rescale=None, mean_of=None):
+    """Generate completions of new prompts with vectors of a bank applied (each vector alone), or with
+    steering adapters (--adapter). --rescale and --mean check METHOD.md section 3's claims in one command."""
     import torch
 
     from melbo.bank import check_bank, load_bank, select_vectors
     from melbo.generate import GenerationConfig
     from melbo.generate import generate as steered_completions
+    from melbo.measure import vector_variants
     from melbo.models import load_model, resolve_layer
     from melbo.prompts import check_prompts
 
     prompts = check_prompts(_read_prompts(prompt, prompts_file))
+    if (bank is None) == (adapter is None):
+        raise MelboError("give exactly one of --bank (steering vectors) and --adapter (steering adapters)")
+    if adapter is not None:
+        return _generate_adapters(adapter, prompts, vectors, use_random, scale, model, no_unsteered, rescale, mean_of,
+                                  GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                   top_p=top_p, chat=chat), device, dtype, blocks_path)
     b = load_bank(bank)
-    idx = select_vectors(b, vectors)
+    vectors_given = click.get_current_context().get_parameter_source("vectors") != click.core.ParameterSource.DEFAULT
+    mean_idx = select_vectors(b, mean_of) if mean_of else None
+    idx = select_vectors(b, vectors) if vectors_given or not mean_idx else list(mean_idx)
     source = b.random_vectors if use_random else b.vectors
     if source is None:
         raise MelboError(f"bank {bank!r} holds no random baseline vectors")
@@ -215,12 +244,12 @@ def generate(bank, prompt, prompts_file, vectors, scale, use_random, model, laye
     lm = load_model(name, device, dtype, blocks_path)
     check_bank(b, lm)
     src = resolve_layer(layer if layer is not None else b.meta.get("source_layer", 0), lm.num_layers, "layer")
-    rows = source[idx]
+    kind = "random" if use_random else "vector"
+    rows, row_labels = vector_variants(source, idx, mean_idx, rescale, kind)
     if not no_unsteered:
         rows = torch.cat([torch.zeros(1, rows.shape[1]), rows])
     comps = steered_completions(lm, prompts, rows, src, scale, cfg)
-    kind = "random" if use_random else "vector"
-    labels = ([] if no_unsteered else ["unsteered"]) + [f"{kind} {i} x {scale:g}" for i in idx]
+    labels = ([] if no_unsteered else ["unsteered"]) + [f"{lab} x {scale:g}" for lab in row_labels]
     for i, p in enumerate(prompts):
         click.echo(f"=== prompt: {p}")
         for label, c in zip(labels, comps):
@@ -321,6 +350,192 @@ def demo(out, num_vectors, device):
                    generation=GenerationConfig(max_new_tokens=48))
     click.echo(f"melbo demo: {num_vectors} steering vectors on {model}, prompt {DEMO_PROMPT!r}")
     print_run_summary(run_train(spec))
+
+
+def _generate_adapters(adapter, prompts, vectors, use_random, scale, model, no_unsteered, rescale, mean_of, cfg,
+                       device, dtype, blocks_path):
+    """``melbo generate --adapter``: completions with steering adapters (each alone)."""
+    import torch
+
+    from melbo.adapter import adapter_module, generate_with_adapters, linear_dims, parse_adapter_choice
+    from melbo.models import load_model
+
+    if rescale is not None or mean_of:
+        raise MelboError("--rescale and --mean apply to steering vectors (--bank), not to adapters (--adapter)")
+    choice = parse_adapter_choice(adapter, vectors, use_random, scale)
+    name = model or choice["model"]
+    if not name:
+        raise MelboError("the adapter does not say which model it was made for; pass --model")
+    lm = load_model(name, device, dtype, blocks_path)
+    module = adapter_module(lm, choice["module_name"])
+    a, b, r, labels = choice["omega_a"], choice["omega_b"], choice["radius"], choice["labels"]
+    dims = linear_dims(module)
+    if dims is None or (dims[0], dims[1]) != (a.shape[1], b.shape[1]):
+        raise MelboError(f"the adapter ({a.shape[1]} -> {b.shape[1]}) does not fit module {choice['module_name']!r} "
+                         f"of model {name!r}; apply it to the model it was trained on")
+    if not no_unsteered:
+        a, b = torch.cat([a[:1], a]), torch.cat([b[:1], b])
+        r, labels = torch.cat([torch.zeros(1), r]), ["unsteered"] + labels
+    comps = generate_with_adapters(lm, prompts, module, a, b, r, cfg)
+    for i, p in enumerate(prompts):
+        click.echo(f"=== prompt: {p}")
+        for label, c in zip(labels, comps):
+            click.echo(f"--- {label}: {c[i]}")
+
+
+def _print_measures(norms, kl_ref, kl_unsteered, direction, ref_name, indices) -> None:
+    """First/last values of the norm and KL curves (nats), and where the norm collapses."""
+    from melbo.measure import kl_label
+
+    def span(name, vals):
+        vals = [float(v) for v in vals]
+        head = ", ".join(f"{v:.3g}" for v in vals[:3])
+        tail = ", ".join(f"{v:.3g}" for v in vals[-3:])
+        click.echo(f"{name}: first [{head}] ... last [{tail}]; min {min(vals):.3g}, max {max(vals):.3g}")
+
+    span("norm", norms)
+    top = max(float(v) for v in norms)
+    small = [k for k, v in zip(indices, norms) if float(v) < 0.1 * top]
+    click.echo(f"norm below 10% of its maximum from vector {small[0]} on" if small else
+               "norm stays above 10% of its maximum")
+    if kl_ref is not None:
+        span(kl_label(direction, ref_name), kl_ref)
+    span(kl_label(direction, "unsteered"), kl_unsteered)
+
+
+@cli.command()
+@click.option("--bank", default=None, type=click.Path(), help="Bank holding the base vector θ₀ (e.g. a MELBO run's).")
+@click.option("--vector", "vector_index", type=int, default=0, help="Row of θ₀ in --bank (or in --vector-file).")
+@click.option("--vector-file", default=None, type=click.Path(),
+              help="θ₀ from a .safetensors or .npy file instead of a bank (then give --model; layers default as in train).")
+@click.option("--prompt", multiple=True, help="A prompt (repeatable). Default: the bank's training prompts.")
+@click.option("--prompts-file", type=click.Path(), default=None, help="Text file with one prompt per line.")
+@click.option("--num-vectors", type=int, default=100, help="New orthogonal vectors to find (at most).")
+@click.option("--steps", type=int, default=1000, help="Adam steps per vector.")
+@click.option("--lr", type=float, default=0.01, help="Adam learning rate.")
+@click.option("--min-norm", type=float, default=0.1,
+              help="Stop when a new vector's norm falls below this (0: never; the reference dropped norms <= 0.1).")
+@click.option("--positions", default="all", help="Positions averaged in mean_t h_tgt: all, last:K, or indices.")
+@click.option("--source-layer", type=int, default=None, help="Block after which θ is added (default: the bank's).")
+@click.option("--target-layer", type=int, default=None, help="Target block (default: the bank's).")
+@click.option("--model", default=None, help="Model (default: the one in the bank's metadata).")
+@click.option("--direction", type=click.Choice(["k||ref", "ref||k"]), default="k||ref",
+              help="KL direction of kl.png: k||ref is KL(P_k ‖ P_0) (what the reference computed), ref||k KL(P_0 ‖ P_k).")
+@click.option("--window", type=int, default=50, help="Moving-average window of the plots (shrunk for short banks).")
+@click.option("--chat", is_flag=True, help="Wrap prompts in the tokenizer's chat template (when it has one).")
+@click.option("--out", required=True, type=click.Path(),
+              help="Folder: bank.safetensors (row 0 = θ₀), measures.csv, norms.png, kl.png, summary.md.")
+@model_options
+def ortho(bank, vector_index, vector_file, prompt, prompts_file, num_vectors, steps, lr, min_norm, positions,
+          source_layer, target_layer, model, direction, window, chat, out, device, dtype, blocks_path):
+    """MELBO-ortho (METHOD.md section 3): vectors θ₁, θ₂, … each orthogonal to θ₀ and all earlier ones,
+    minimizing ‖mean_t h_tgt(θ_k) − mean_t h_tgt(θ₀)‖₂; then KL and norm curves of the bank."""
+    from melbo.bank import check_bank, load_bank
+    from melbo.models import default_layers, load_model
+    from melbo.ortho import OrthoConfig, read_vector_file, run_ortho
+
+    if (bank is None) == (vector_file is None):
+        raise MelboError("give exactly one of --bank and --vector-file for the base vector θ₀")
+    cfg = OrthoConfig(num_vectors=num_vectors, steps=steps, lr=lr, min_norm=min_norm)
+    meta = {}
+    if bank is not None:
+        b = load_bank(bank)
+        rows, meta = b.vectors, b.meta
+        info = {"bank": str(bank), "vector": vector_index}
+    else:
+        rows = read_vector_file(vector_file)
+        info = {"vector_file": str(vector_file), "vector": vector_index}
+    if not 0 <= vector_index < len(rows):
+        raise MelboError(f"--vector {vector_index} is outside the {len(rows)} vectors there (0..{len(rows) - 1})")
+    prompts = _read_prompts(prompt, prompts_file) or list(meta.get("prompts", []))
+    name = model or meta.get("model")
+    if not name:
+        raise MelboError("no model: the vector file does not say which model it is for; pass --model")
+    lm = load_model(name, device, dtype, blocks_path)
+    if bank is not None:
+        check_bank(b, lm)
+    d_src, d_tgt = default_layers(lm.num_layers)
+    src = source_layer if source_layer is not None else meta.get("source_layer", d_src)
+    tgt = target_layer if target_layer is not None else meta.get("target_layer", d_tgt)
+    s = run_ortho(lm, out, rows[vector_index], prompts, src, tgt, cfg, positions, chat, info, window, direction)
+    click.echo(f"MELBO-ortho: {s['num_vectors']} vectors orthogonal to θ₀ (norm {s['base_norm']:.4g}), "
+               f"stop: {s['stop_reason']}; max |cos| {s['max_abs_cosine']:.1e}; {s['seconds_per_vector']:.2f} s per vector")
+    if s["num_vectors"]:
+        click.echo(f"loss start -> end: first {s['start_loss'][0]:.4g} -> {s['loss'][0]:.4g}, "
+                   f"last {s['start_loss'][-1]:.4g} -> {s['loss'][-1]:.4g}")
+    _print_measures(s["norms"], s["kl_to_base"], s["kl_to_unsteered"], direction, "0", range(len(s["norms"])))
+    click.echo(f"results: {out}/summary.md, bank.safetensors, measures.csv, norms.png, kl.png")
+
+
+@cli.command()
+@click.option("--bank", required=True, type=click.Path(), help="A bank.safetensors written by melbo.")
+@click.option("--prompt", multiple=True, help="A prompt (repeatable). Default: the bank's prompts.")
+@click.option("--prompts-file", type=click.Path(), default=None, help="Text file with one prompt per line.")
+@click.option("--reference", default="0",
+              help="Row of the reference vector θ_ref for KL(P_k ‖ P_ref), or none (only KL to the unsteered model).")
+@click.option("--vectors", default="all", help="Which vectors: all, or indices like 0,3 or ranges like 0-7.")
+@click.option("--random", "use_random", is_flag=True, help="Measure the bank's random baseline vectors instead.")
+@click.option("--scale", type=float, default=1.0, help="Multiply every vector (the reference too) by this.")
+@click.option("--direction", type=click.Choice(["k||ref", "ref||k"]), default="k||ref",
+              help="k||ref: KL(P_k ‖ P_ref) (what the MELBO-ortho reference computed); ref||k: KL(P_ref ‖ P_k).")
+@click.option("--window", type=int, default=50, help="Moving-average window (shrunk for short banks).")
+@click.option("--batch-size", type=int, default=64, help="Vectors per forward pass.")
+@click.option("--model", default=None, help="Model (default: the one in the bank's metadata).")
+@click.option("--layer", type=int, default=None, help="Block to add vectors after (default: the bank's source layer).")
+@click.option("--chat", is_flag=True, help="Wrap prompts in the tokenizer's chat template (when it has one).")
+@click.option("--out", default=None, type=click.Path(),
+              help="Folder for kl.png, norms.png and measures.csv (default: the bank's folder).")
+@model_options
+def plot(bank, prompt, prompts_file, reference, vectors, use_random, scale, direction, window, batch_size, model,
+         layer, chat, out, device, dtype, blocks_path):
+    """KL divergence of the next-token distribution at the last prompt position (steered by each vector vs
+    by the reference vector, and vs unsteered) and vector norms, over the vector index (METHOD.md section 3)."""
+    from pathlib import Path
+
+    from melbo.bank import check_bank, load_bank, select_vectors
+    from melbo.measure import effective_window, kl_curves, vector_norms
+    from melbo.models import load_model, resolve_layer
+    from melbo.plot import plot_measures
+    from melbo.prompts import check_prompts
+
+    b = load_bank(bank)
+    effective_window(10, window)
+    source = b.random_vectors if use_random else b.vectors
+    if source is None:
+        raise MelboError(f"bank {bank!r} holds no random baseline vectors")
+    idx = select_vectors(b, vectors)
+    ref_index = None
+    if str(reference).strip().lower() != "none":
+        try:
+            ref_index = int(reference)
+        except ValueError:
+            raise MelboError(f"bad --reference {reference!r}; allowed: a vector index or none") from None
+        select_vectors(b, str(ref_index))
+    prompts = check_prompts(_read_prompts(prompt, prompts_file) or list(b.meta.get("prompts", [])))
+    name = model or b.meta.get("model")
+    if not name:
+        raise MelboError("the bank does not say which model it was made for; pass --model")
+    lm = load_model(name, device, dtype, blocks_path)
+    check_bank(b, lm)
+    src = resolve_layer(layer if layer is not None else b.meta.get("source_layer", 0), lm.num_layers, "layer")
+    vecs = source[idx]
+    kl = kl_curves(lm, prompts, vecs, src, reference=source[ref_index] if ref_index is not None else None,
+                   scale=scale, chat=chat, batch_size=batch_size, direction=direction)
+    norms = vector_norms(vecs * scale)
+    folder = Path(out) if out else Path(bank).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["index,norm,kl_to_reference,kl_to_unsteered"]
+    for j, i in enumerate(idx):
+        kr = f"{kl.to_reference[j]:.6g}" if kl.to_reference is not None else ""
+        lines.append(f"{i},{norms[j]:.6g},{kr},{kl.to_unsteered[j]:.6g}")
+    (folder / "measures.csv").write_text("\n".join(lines) + "\n")
+    ref_norm = float(source[ref_index].norm() * abs(scale)) if ref_index is not None else None
+    paths = plot_measures(folder, norms.tolist(), kl.to_reference.tolist() if kl.to_reference is not None else None,
+                          kl.to_unsteered.tolist(), direction, ref_index, window,
+                          title=f"{Path(bank).name} ({b.meta.get('model')}): ", base_norm=ref_norm, indices=idx)
+    _print_measures(norms.tolist(), kl.to_reference.tolist() if kl.to_reference is not None else None,
+                    kl.to_unsteered.tolist(), direction, str(ref_index), idx)
+    click.echo(f"wrote {', '.join(str(p) for p in paths)} and {folder / 'measures.csv'}")
 
 
 def main(argv: list[str] | None = None) -> None:

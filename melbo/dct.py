@@ -38,7 +38,6 @@ back afterwards), so a model loaded with the default ``sdpa`` works unchanged.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from contextlib import contextmanager, nullcontext

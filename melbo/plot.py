@@ -17,7 +17,7 @@ from melbo.measure import effective_window, kl_label, moving_average
 
 def plot_curves(path: str | os.PathLike, series: dict[str, "np.ndarray | list[float]"], ylabel: str, title: str,
                 window: int = 50, xlabel: str = "vector index k", hlines: dict[str, float] | None = None,
-                logy: bool = False) -> Path:
+                logy: bool = False, x=None) -> Path:
     """Plot each series over its index, raw (thin) and with a moving average (thick).
 
     Args:
@@ -27,6 +27,7 @@ def plot_curves(path: str | os.PathLike, series: dict[str, "np.ndarray | list[fl
         window: moving-average window, shrunk for short series (:func:`melbo.measure.effective_window`).
         hlines: label -> y of horizontal reference lines (e.g. the base vector's norm).
         logy: logarithmic y axis (non-positive values are not drawn).
+        x: the x value of each point (default ``0..len-1``), e.g. the bank indices of a subset.
 
     Returns the path.
     """
@@ -41,13 +42,13 @@ def plot_curves(path: str | os.PathLike, series: dict[str, "np.ndarray | list[fl
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
     for (label, values), color in zip(series.items(), colors):
         y = np.asarray(values, dtype=np.float64)
-        x = np.arange(len(y))
-        ax.plot(x, y, color=color, alpha=0.45, linewidth=1, marker="." if len(y) <= 200 else None,
+        xs = np.arange(len(y)) if x is None else np.asarray(x, dtype=np.float64)
+        ax.plot(xs, y, color=color, alpha=0.45, linewidth=1, marker="." if len(y) <= 200 else None,
                 label=f"{label}")
         w = effective_window(len(y), window)
         if w > 1 and len(y) >= w:
             ma = moving_average(y, w)
-            ax.plot(np.arange(len(ma)) + (w - 1) / 2, ma, color=color, linewidth=2.2,
+            ax.plot(moving_average(xs, w), ma, color=color, linewidth=2.2,
                     label=f"{label}, moving average (window {w})")
     for label, y in (hlines or {}).items():
         ax.axhline(y, color="gray", linestyle="--", linewidth=1, label=label)
@@ -65,7 +66,7 @@ def plot_curves(path: str | os.PathLike, series: dict[str, "np.ndarray | list[fl
 
 def plot_measures(out_dir: str | os.PathLike, norms, kl_reference=None, kl_unsteered=None,
                   direction: str = "k||ref", reference_index: int | None = 0, window: int = 50,
-                  title: str = "", base_norm: float | None = None) -> list[Path]:
+                  title: str = "", base_norm: float | None = None, indices=None) -> list[Path]:
     """Write ``norms.png`` and (when KL values are given) ``kl.png`` into ``out_dir``.
 
     Args:
@@ -75,6 +76,7 @@ def plot_measures(out_dir: str | os.PathLike, norms, kl_reference=None, kl_unste
         reference_index: row of the reference vector in the bank (for the labels).
         title: prefix of both titles (e.g. the bank and prompt).
         base_norm: drawn as a horizontal line on the norm plot.
+        indices: bank index of each value (default ``0..V-1``).
 
     Returns the paths written.
     """
@@ -82,14 +84,17 @@ def plot_measures(out_dir: str | os.PathLike, norms, kl_reference=None, kl_unste
     ref = "ref" if reference_index is None else str(reference_index)
     paths = [plot_curves(out / "norms.png", {"‖θ_k‖₂": norms}, "norm ‖θ_k‖₂ (residual-stream units)",
                          f"{title}norm of each vector", window,
-                         hlines={f"norm of vector {ref}: {base_norm:.3g}": base_norm} if base_norm else None)]
+                         hlines={f"norm of vector {ref}: {base_norm:.3g}": base_norm} if base_norm else None,
+                         x=indices)]
     series = {}
     if kl_reference is not None:
         series[f"{kl_label(direction, ref)}: steered by θ_k vs by θ_{ref}"] = kl_reference
     if kl_unsteered is not None:
         series[f"{kl_label(direction, 'unsteered')}: steered by θ_k vs unsteered"] = kl_unsteered
     if series:
-        label = kl_label(direction, ref if kl_reference is not None else "unsteered")
-        paths.append(plot_curves(out / "kl.png", series, f"{label} (nats)",
-                                 f"{title}next-token KL at the last prompt position, P_k = steered by θ_k", window))
+        labels = ([kl_label(direction, ref)] if kl_reference is not None else []) + \
+            ([kl_label(direction, "unsteered")] if kl_unsteered is not None else [])
+        paths.append(plot_curves(out / "kl.png", series, f"{' and '.join(labels)} (nats)",
+                                 f"{title}next-token KL at the last prompt position, P_k = steered by θ_k", window,
+                                 x=indices))
     return paths

@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models: one thread is faster than several (and CI has 2 cores).
+torch.set_num_threads(1)
+
 SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
 # Tiny configs: 4 blocks, d_model 32. Keys are transformers model_type names.

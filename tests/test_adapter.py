@@ -236,3 +236,48 @@ def test_run_adapter_train(tmp_path):
     assert torch.allclose(loaded.omega_a, tensors["omega_a"][2], atol=1e-6)
     with pytest.raises(MelboError, match="already holds a run"):
         run_adapter_train(spec, rank=4, lm=lm)
+
+
+# ------------------------------------------------------------ the CLI
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from conftest import char_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-llama-adapter")
+    tiny_model("llama").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+def _run(argv, capsys):
+    from melbo.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_cli_train_adapter_and_generate(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--kind", "adapter", "--model", model_dir, "--prompt", "The cat sat.", "--num-vectors", "2",
+            "--steps", "3", "--radius", "0.05x", "--rank", "4", "--max-new-tokens", "5", "--device", "cpu"]
+    code, stdout, err = _run(base + ["--out", str(out)], capsys)
+    assert code == 0, err
+    assert "PEFT LoRA folders" in stdout and (out / "peft" / "adapter_001" / "adapter_config.json").is_file()
+    gen = ["generate", "--prompt", "A dog", "--max-new-tokens", "4", "--device", "cpu"]
+    code, stdout, err = _run(gen + ["--adapter", str(out / "peft" / "adapter_001")], capsys)
+    assert code == 0, err
+    assert "--- unsteered:" in stdout and "--- adapter adapter_001" in stdout
+    code, stdout, err = _run(gen + ["--adapter", str(out), "--vectors", "1", "--random", "--scale", "2"], capsys)
+    assert code == 0, err
+    assert "--- random adapter 1" in stdout
+    code, _, err = _run(gen + ["--adapter", str(out), "--bank", str(out / "x")], capsys)
+    assert code == 2 and "exactly one of --bank" in err
+    code, _, err = _run(gen + ["--adapter", str(out), "--rescale", "3"], capsys)
+    assert code == 2 and "not to adapters" in err
+    code, _, err = _run(base + ["--out", str(tmp_path / "r2"), "--method", "dct"], capsys)
+    assert code == 2 and "--kind adapter" in err and not (tmp_path / "r2").exists()
+    code, _, err = _run(base + ["--out", str(tmp_path / "r3"), "--mlp-module", "mlp.gate_proj"], capsys)
+    assert code == 2 and "mlp.gate_proj" in err

@@ -2,6 +2,7 @@
 written), resume, generate from a bank."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,20 +12,21 @@ from melbo.bank import load_bank
 from melbo.cli import main
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(d)
+def saved_tiny(arch, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"tiny-{arch}")
+    tiny_model(arch).save_pretrained(d)
     char_tokenizer().save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return saved_tiny("llama", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_model("gpt2").save_pretrained(d)
-    char_tokenizer().save_pretrained(d)
-    return str(d)
+    return saved_tiny("gpt2", tmp_path_factory)
 
 
 def run(argv, capsys):
@@ -100,7 +102,7 @@ def test_generate_with_bank_and_refuse_other_model(model_dir, other_model_dir, t
     code, stdout, _ = run(["generate", "--bank", str(out / "bank.safetensors"), "--prompt", "Hi there",
                            "--vectors", "1", "--scale", "-1", "--max-new-tokens", "5"], capsys)
     assert code == 0
-    assert "--- unsteered:" in stdout and "--- vector 1 x -1:" in stdout
+    assert "--- unsteered:" in stdout and re.search(r"--- vector 1\b.* x -1:", stdout)
     code, _, err = run(["generate", "--bank", str(out / "bank.safetensors"), "--prompt", "Hi",
                         "--model", other_model_dir], capsys)
     assert code == 2 and "bank was made for model" in err

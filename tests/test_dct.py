@@ -202,6 +202,24 @@ def test_soft_orthogonalization_lowers_mean_abs_cos():
     torch.testing.assert_close(after.norm(dim=-1), torch.ones(48), atol=1e-5, rtol=0)
 
 
+def test_soft_orthogonalization_matches_a_naive_loop():
+    g = torch.Generator().manual_seed(10)
+    V = normalize_rows(torch.randn(5, 7, generator=g, dtype=torch.float64) + 0.5)
+    b = torch.randn(5, generator=g, dtype=torch.float64)
+    x = [v.clone() for v in V]
+    for _ in range(3):
+        new = []
+        for i in range(5):
+            logits = [float(x[i] @ x[j]) / 0.7 + float(b[j]) if j != i else -math.inf for j in range(5)]
+            top = max(logits)
+            w = [math.exp(s - top) for s in logits]
+            avg = sum(wj / sum(w) * xj for wj, xj in zip(w, x))
+            y = x[i] - avg
+            new.append(y / y.norm())
+        x = new
+    torch.testing.assert_close(soft_orthogonalize(V, b, steps=3, temperature=0.7), torch.stack(x))
+
+
 # ---------------------------------------------------------------- the fit
 
 def naive_dct(slice_: Slice, U0: torch.Tensor, V0: torch.Tensor, radius: float, iterations: int):
@@ -295,6 +313,28 @@ def test_alpha_solves_the_kernel_system_and_readout_ranks():
     torch.testing.assert_close(solve_alpha(res.U, res.V, c), res.alpha.double(), atol=1e-5, rtol=1e-4)
     by_x = fit_dct(delta, 1.5, num_factors=8, iterations=3, readout=lambda vecs: vecs[:, 0])
     assert (by_x.vectors[:-1, 0] >= by_x.vectors[1:, 0]).all()
+
+
+def test_logit_readout_is_the_steered_logit_difference():
+    from melbo.dct import logit_readout
+    from melbo.steer import steer
+
+    lm = tiny_loaded("llama")
+    readout = logit_readout(lm, PROMPTS, 1, plus=5, minus=[6, 7], batch_size=3)   # 2 vectors per batch
+    vecs = torch.randn(3, 32, generator=torch.Generator().manual_seed(11))
+    got = readout(vecs)
+    for k in range(3):                                          # by hand: each prompt alone, unpadded
+        diffs = []
+        for p in PROMPTS:
+            ids = torch.tensor([lm.tokenizer(p)["input_ids"]])
+            with torch.no_grad(), steer(lm.blocks, 1, vecs[k]):
+                last = lm.model(input_ids=ids).logits[0, -1]
+            diffs.append(last[5] - last[[6, 7]].mean())
+        assert abs(float(got[k]) - float(sum(diffs) / 2)) < 1e-4
+    delta = DeltaMap.from_model(lm, PROMPTS, 1, 3)
+    res = fit_dct(delta, 1.0, num_factors=4, iterations=1, readout=readout)
+    torch.testing.assert_close(res.score, readout(res.vectors), atol=1e-4, rtol=1e-4)
+    assert (res.score[:-1] >= res.score[1:]).all()
 
 
 def test_bad_settings_are_refused(delta64):

@@ -113,3 +113,33 @@ def test_plots_are_pngs(tmp_path):
     paths = plot_measures(tmp_path, vals, vals, vals, window=50, base_norm=7.0)
     assert [q.name for q in paths] == ["norms.png", "kl.png"]
     assert plot_measures(tmp_path / "n", vals)[0].name == "norms.png"
+
+
+def test_vector_variants_and_cli_generate_rescale_mean(tmp_path, capsys):
+    from conftest import char_tokenizer, tiny_model
+    from melbo.bank import Bank, model_meta, save_bank
+    from melbo.cli import main
+    from melbo.measure import vector_variants
+    from melbo.models import wrap_model
+
+    v = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])
+    rows, labels = vector_variants(v, [0], [1, 2], rescale=10.0)
+    assert labels == ["vector 0 (norm 5)", "mean of vectors 1,2 (norm 1.118)",
+                      "vector 0 rescaled to norm 10", "mean of vectors 1,2 rescaled to norm 10"]
+    assert torch.allclose(rows[3], torch.tensor([5.0, 10.0]) / 1.118034 * 10 / 10, atol=1e-4)
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    lm = wrap_model(tiny_model("llama"), char_tokenizer(), name=str(model_dir))
+    vecs = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    save_bank(tmp_path / "bank.safetensors", Bank(vecs, {**model_meta(lm), "source_layer": 1}))
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--bank", str(tmp_path / "bank.safetensors"), "--prompt", "Hi", "--mean", "1,3",
+              "--rescale", "7", "--max-new-tokens", "3", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for label in ("--- unsteered:", "--- vector 1 (norm", "--- vector 3 (norm", "--- mean of vectors 1,3 (norm",
+                  "--- vector 1 rescaled to norm 7 x 1:", "--- mean of vectors 1,3 rescaled to norm 7"):
+        assert label in out, label
+    assert "--- vector 0 " not in out  # --mean without --vectors applies only its members

@@ -106,3 +106,44 @@ def test_read_vector_file(tmp_path):
         read_vector_file(str(tmp_path / "two.safetensors"))
     with pytest.raises(MelboError, match="does not exist"):
         read_vector_file(str(tmp_path / "nope.npy"))
+
+
+# ------------------------------------------------------------ the CLI
+
+def test_cli_ortho_and_plot(tmp_path, capsys):
+    from conftest import char_tokenizer, tiny_model
+    from melbo.bank import Bank, model_meta, save_bank
+    from melbo.cli import main
+    from melbo.models import wrap_model
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    lm = wrap_model(tiny_model("llama"), char_tokenizer(), name=str(model_dir))
+    vecs = torch.randn(3, 32, generator=torch.Generator().manual_seed(0))
+    save_bank(tmp_path / "b" / "bank.safetensors",
+              Bank(vecs, {**model_meta(lm), "source_layer": 0, "target_layer": 2, "prompts": ["Hello there"]}))
+
+    def run(argv):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        out = capsys.readouterr()
+        return e.value.code, out.out, out.err
+
+    code, out, err = run(["ortho", "--bank", str(tmp_path / "b" / "bank.safetensors"), "--vector", "1",
+                          "--num-vectors", "2", "--steps", "5", "--min-norm", "0", "--out", str(tmp_path / "o"),
+                          "--device", "cpu"])
+    assert code == 0, err
+    assert "MELBO-ortho: 2 vectors orthogonal" in out and "KL(P_k ‖ P_0)" in out
+    bank = load_bank(tmp_path / "o" / "bank.safetensors")
+    assert torch.equal(bank.vectors[0], vecs[1]) and bank.meta["source_layer"] == 0
+    code, out, err = run(["plot", "--bank", str(tmp_path / "b" / "bank.safetensors"), "--reference", "2",
+                          "--direction", "ref||k", "--out", str(tmp_path / "p"), "--device", "cpu"])
+    assert code == 0, err
+    assert "KL(P_2 ‖ P_k)" in out and (tmp_path / "p" / "kl.png").is_file()
+    rows = (tmp_path / "p" / "measures.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[3].split(",")[2] == "0"
+    code, _, err = run(["plot", "--bank", str(tmp_path / "b" / "bank.safetensors"), "--reference", "7"])
+    assert code == 2 and "outside the bank" in err
+    code, _, err = run(["ortho", "--out", str(tmp_path / "x")])
+    assert code == 2 and "exactly one of --bank" in err
