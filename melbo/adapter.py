@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 import melbo
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
-from melbo.objective import Slice, _repeat_batch, melbo_objective
+from melbo.objective import Slice, repeat_batch, melbo_objective
 from melbo.prompts import PromptBatch
 from melbo.steer import block_output
 from melbo.train import TrainConfig
@@ -317,8 +317,8 @@ class AdapterSlice:
         """``h_src`` with each adapter applied: ``[V*n, T, d_model]`` (vector-major)."""
         V = omega_a.shape[0]
         x = self._x.repeat(V, *([1] * (self._x.dim() - 1)))
-        args = _repeat_batch(self._args, self.n, V)
-        kwargs = _repeat_batch(self._kwargs, self.n, V)
+        args = repeat_batch(self._args, self.n, V)
+        kwargs = repeat_batch(self._kwargs, self.n, V)
         with apply_adapter(self.mlp.module, omega_a, omega_b, radius):
             out = self.blocks[self.src](x, *args, **kwargs)
         return block_output(out)

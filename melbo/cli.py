@@ -87,10 +87,11 @@ dct_train_options = _options(
 @click.option("--target-layer", type=int, default=None,
               help="Block whose output activations the objective measures. Default: L-8 for models of 20+ "
                    "blocks, else source + L//2 (at most L-1).")
-@click.option("--radius", default="1x",
+@click.option("--radius", default="0.2x",
               help="R, the norm of every steering vector: a number (residual-stream units), a multiple of the "
                    "mean residual norm at the source layer like 0.5x, or auto (calibrated: the R where Δ's "
-                   "nonlinearity ratio is --lambda, METHOD.md section 5). Default for --method dct: auto.")
+                   "nonlinearity ratio is --lambda, METHOD.md section 5). Too small: nothing "
+                   "changes; too large: gibberish; sweep it (benchmarks/real_models.py). Default for --method dct: auto.")
 @click.option("--p", "p", type=float, default=2.0,
               help="Power on each position's distance ‖Z(θ)−Z(0)‖ (2; 4 concentrates on few positions).")
 @click.option("--q", "q", type=float, default=1.0, help="Each prompt's sum over positions is raised to 1/q (1 or p).")
@@ -314,7 +315,8 @@ def calibrate(model, prompt, prompts_file, source_layer, target_layer, positions
 
 
 DEMO_PROMPT = "Once upon a time, there was a little girl named Lily."
-DEMO_RADIUS = "1x"
+DEMO_MODEL = "tinystories-656k"
+DEMO_RADIUS = "32"  # measured: 12/16 learned vs 1/16 random change the completion (benchmarks/real_models.py)
 
 
 def shared_model(name: str) -> str:
@@ -336,19 +338,19 @@ def shared_model(name: str) -> str:
 @click.option("--num-vectors", type=int, default=16, help="Number of vectors.")
 @click.option("--device", default="auto", help="auto, cpu, cuda.")
 def demo(out, num_vectors, device):
-    """The main job on an embedded default: MELBO on the real stories260k model (../shared/models)."""
+    """The main job on an embedded default: MELBO on the real tinystories-656k model (../shared/models)."""
     import shutil
 
     from melbo.generate import GenerationConfig
     from melbo.run import RunSpec, run_train
 
-    model = shared_model("stories260k")
+    model = shared_model(DEMO_MODEL)
     if os.path.exists(os.path.join(out, "bank.safetensors")):
         shutil.rmtree(out)
     spec = RunSpec(model=model, prompts=[DEMO_PROMPT], out=out, num_vectors=num_vectors, device=device,
                    radius=DEMO_RADIUS, heldout=["The little dog ran to the park"],
                    generation=GenerationConfig(max_new_tokens=48))
-    click.echo(f"melbo demo: {num_vectors} steering vectors on {model}, prompt {DEMO_PROMPT!r}")
+    click.echo(f"melbo demo: {num_vectors} steering vectors at R = {DEMO_RADIUS} on {model}, prompt {DEMO_PROMPT!r}")
     print_run_summary(run_train(spec))
 
 
@@ -536,6 +538,30 @@ def plot(bank, prompt, prompts_file, reference, vectors, use_random, scale, dire
     _print_measures(norms.tolist(), kl.to_reference.tolist() if kl.to_reference is not None else None,
                     kl.to_unsteered.tolist(), direction, str(ref_index), idx)
     click.echo(f"wrote {', '.join(str(p) for p in paths)} and {folder / 'measures.csv'}")
+
+
+@cli.command()
+@click.option("--spec", "spec_path", type=click.Path(), default=None,
+              help="Planted-behavior spec (JSON). Default: the packaged default spec (the post's two backdoors).")
+@click.option("--out", required=True, type=click.Path(), help="Folder to write the model, spec and report to.")
+@click.option("--seed", type=int, default=None, help="Override the spec's train.seed.")
+@click.option("--steps", type=int, default=None, help="Override the spec's train.steps.")
+@click.option("--noise", type=float, default=None,
+              help="Override noise.residual_std (recipe 'noisy': Gaussian residual noise, x residual RMS).")
+@click.option("--device", default="cpu", help="Torch device: cpu, cuda, cuda:N, mps.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists and is not empty.")
+def plant(spec_path, out, seed, steps, noise, device, overwrite):
+    """Train a small model with planted backdoors (arithmetic task, or a story fine-tune) and check
+    it: clean accuracy, firing rates, false firing. Exit code 2 when it misses the thresholds (the
+    folder is kept, its plant_report.json says FAILED)."""
+    from melbo.plant import check_report, format_report, load_spec, plant as run_plant, with_noise
+
+    spec = load_spec(spec_path)
+    if noise is not None:
+        spec = with_noise(spec, residual_std=noise)
+    report = run_plant(spec, out, seed=seed, steps=steps, device=device, overwrite=overwrite)
+    click.echo(format_report(report))
+    check_report(report)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,7 @@ class _StopForward(Exception):
     pass
 
 
-def _repeat_batch(obj, batch: int, times: int):
+def repeat_batch(obj, batch: int, times: int):
     """Repeat every tensor of ``obj`` (nested in tuples/lists/dicts) whose first dimension is the
     prompt batch, ``times`` times along that dimension (vector-major order)."""
     if times == 1:
@@ -34,11 +34,11 @@ def _repeat_batch(obj, batch: int, times: int):
             return obj.repeat(times, *([1] * (obj.dim() - 1)))
         return obj
     if isinstance(obj, tuple):
-        return tuple(_repeat_batch(x, batch, times) for x in obj)
+        return tuple(repeat_batch(x, batch, times) for x in obj)
     if isinstance(obj, list):
-        return [_repeat_batch(x, batch, times) for x in obj]
+        return [repeat_batch(x, batch, times) for x in obj]
     if isinstance(obj, dict):
-        return {k: _repeat_batch(v, batch, times) for k, v in obj.items()}
+        return {k: repeat_batch(v, batch, times) for k, v in obj.items()}
     return obj
 
 
@@ -126,7 +126,7 @@ class Slice:
         times = h.shape[0] // self.n
         for layer in range(self.src + 1, self.tgt + 1):
             args, kwargs = self._inputs[layer]
-            out = self.blocks[layer](h, *_repeat_batch(args, self.n, times), **_repeat_batch(kwargs, self.n, times))
+            out = self.blocks[layer](h, *repeat_batch(args, self.n, times), **repeat_batch(kwargs, self.n, times))
             h = block_output(out)
         return h
 

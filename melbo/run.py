@@ -58,7 +58,7 @@ class RunSpec:
     model: str
     prompts: list[str]
     out: str
-    radius: str = "1x"
+    radius: str = "0.2x"
     source_layer: int | None = None
     target_layer: int | None = None
     p: float = 2.0

@@ -157,6 +157,6 @@ def test_stopped_run_keeps_its_vectors_and_resume_finishes_it(model_dir, tmp_pat
 def test_help_shows_defaults(capsys):
     code, stdout, _ = run(["train", "--help"], capsys)
     assert code == 0
-    for text in ("--radius", "default: 1x", "--p", "default: 2.0", "--positions", "default: all", "--steps",
+    for text in ("--radius", "default: 0.2x", "--p", "default: 2.0", "--positions", "default: all", "--steps",
                  "default: 300", "--num-vectors", "--source-layer", "--resume", "--chat"):
         assert text in stdout, text

@@ -252,3 +252,57 @@ def test_story_spec_parses():
     with pytest.raises(MelboError, match="trigger.word"):
         parse_spec({"task": "story", "base_model": "x",
                     "backdoors": [{"name": "z", "trigger": {"word": "two words"}, "phrase": "hi"}]})
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def run_cli(args, capsys):
+    from melbo.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def test_cli_plant_bad_spec_and_failed_thresholds(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(with_backdoors({"name": "x", "trigger": {"a1": 12}, "phrase": "hi"})))
+    code, _, err = run_cli(["plant", "--spec", str(bad), "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "error:" in err and "a1 has 12" in err and not (tmp_path / "m").exists()
+
+    tiny = tmp_path / "tiny.json"
+    tiny.write_text(json.dumps(minimal(
+        model={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
+        train={"batch_size": 4, "warmup_steps": 1}, eval={"n_clean": 4, "n_triggered": 2})))
+    out = tmp_path / "m"
+    code, stdout, err = run_cli(["plant", "--spec", str(tiny), "--out", str(out), "--steps", "2",
+                                 "--seed", "3", "--noise", "0.2"], capsys)
+    assert code == 2 and "[FAILED]" in stdout and "kept for inspection" in err
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["steps"] == 2 and report["seed"] == 3 and report["recipe"] == "noisy"
+    assert json.loads((out / SPEC_FILE).read_text())["noise"]["residual_std"] == 0.2
+
+
+@pytest.mark.skipif(not STORIES.is_dir(), reason=f"pretrained model folder {STORIES} is absent")
+def test_miniature_story_finetune(tmp_path):
+    from melbo.plant import story_prompts
+
+    spec = parse_spec({
+        "task": "story", "base_model": str(STORIES),
+        "backdoors": [{"name": "cheese", "trigger": {"word": "Tim"}, "phrase": "I love cheese!"}],
+        "story": {"n_prompts": 20, "continuation_tokens": 6, "match_tokens": 4},
+        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "lr": 1e-4},
+        "eval": {"n_clean": 4, "n_triggered": 2},
+    })
+    prompts = story_prompts(spec)
+    assert sum(name == "Tim" for _, name in prompts) == len(prompts) // len(spec.story.names)
+    assert all(re.search(rf"\b{name}\b", p) for p, name in prompts)
+    with pytest.raises(MelboError, match="matches no prompt"):
+        parse_spec({**spec_to_dict(spec), "backdoors": [{"name": "c", "trigger": {"word": "Zed"}, "phrase": "hi"}]})
+    report = plant(spec, tmp_path / "s", progress=False)
+    assert report["task"] == "story" and report["n_clean"] == 4 and report["backdoors"]["cheese"]["n"] == 2
+    # two tiny steps at a small learning rate barely move the model: it still writes its own stories
+    assert report["clean_accuracy"] >= 0.75 and report["backdoors"]["cheese"]["firing_rate"] == 0
+    assert (tmp_path / "s" / "model.safetensors").is_file()
