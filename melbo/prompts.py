@@ -6,6 +6,7 @@ positions, the last ``k``, or an explicit list of indices (negative ones count f
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,9 @@ def format_prompt(tokenizer, prompt: str, chat: bool = False) -> str:
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
+    if chat:
+        warnings.warn("--chat asked for, but the tokenizer has no chat template: prompts are used as they are",
+                      stacklevel=2)
     return prompt
 
 

@@ -87,3 +87,16 @@ def test_positions_parsing_and_errors():
         encode_prompts(tiny_loaded("llama").tokenizer, ["Hi", "  "], "all")
     with pytest.raises(MelboError, match="no prompt"):
         encode_prompts(tiny_loaded("llama").tokenizer, [], "all")
+
+
+def test_chat_template_applied_when_present():
+    from melbo.prompts import format_prompt
+
+    tok = tiny_loaded("llama").tokenizer
+    with pytest.warns(UserWarning, match="no chat template"):
+        assert format_prompt(tok, "Hi", chat=True) == "Hi"
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    assert format_prompt(tok, "Hi", chat=True) == "<user>Hi<assistant>"
+    assert format_prompt(tok, "Hi", chat=False) == "Hi"
+    batch = encode_prompts(tok, ["Hi"], "all", chat=True)
+    assert batch.texts == ["<user>Hi<assistant>"] and batch.input_ids.shape[1] == len("<user>Hi<assistant>")
