@@ -703,7 +703,7 @@ def run_adapter_train(spec, rank: int | None = None, mlp_module: str | None = No
     from melbo.bank import model_meta
     from melbo.models import check_layers, default_layers, load_model
     from melbo.prompts import check_prompts, encode_prompts, parse_positions
-    from melbo.run import COMPLETIONS, SUMMARY, parse_radius, similarity
+    from melbo.run import SUMMARY, parse_radius, write_completions
 
     check_prompts(spec.prompts)
     for p in spec.heldout:
@@ -796,33 +796,17 @@ def run_adapter_train(spec, rank: int | None = None, mlp_module: str | None = No
     radii[0] = 0.0
     comps = generate_with_adapters(lm, prompts, mlp.module, all_a, all_b, radii, spec.generation)
     base, learned, random_ = comps[0], comps[1:1 + N], comps[1 + N:]
-    rows = [{"kind": "unsteered", "vector": None, "split": split[i], "prompt": p, "completion": base[i]}
-            for i, p in enumerate(prompts)]
-    for kind, group in (("learned", learned), ("random", random_)):
-        for v, comp in enumerate(group):
-            for i, p in enumerate(prompts):
-                rows.append({"kind": kind, "vector": v, "split": split[i], "prompt": p, "completion": comp[i],
-                             "changed": comp[i] != base[i], "similarity": round(similarity(comp[i], base[i]), 4)})
-    _atomic(out / COMPLETIONS, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
-    n_train = len(meta["prompts"])
-
-    def stats(group, objectives):
-        changed = [any(c[i] != base[i] for i in range(n_train)) for c in group]
-        sims = [similarity(c[i], base[i]) for c in group for i in range(n_train)]
-        return {"n": len(group), "changed_train": int(sum(changed)),
-                "mean_objective": float(sum(objectives) / max(1, len(objectives))),
-                "mean_similarity_train": float(sum(sims) / max(1, len(sims)))}
-
+    stats = write_completions(out, prompts, split, base, learned, random_, [v["objective"] for v in meta["vectors"]],
+                              meta["random_objectives"])
     summary = {
         "out": str(out), "model": meta["model"], "kind": "adapter", "radius": radius, "rank": rank,
         "residual_norm": residual_norm, "source_layer": src, "target_layer": tgt,
-        "learned": stats(learned, [v["objective"] for v in meta["vectors"]]),
-        "random": stats(random_, meta["random_objectives"]),
+        **stats,
         "mean_cosine_start_end": float(sum(v["cosine_start_end"] for v in meta["vectors"]) / max(1, N)),
         "mean_perturbation_norm": float(sum(v["perturbation_norm"] for v in meta["vectors"]) / max(1, N)),
         "mean_random_perturbation_norm": float(sum(meta["random_perturbation_norms"]) / max(1, N)),
         "seconds_per_step": train_seconds / max(1, N * spec.steps), "seconds_per_vector": train_seconds / max(1, N),
-        "unsteered": base[:n_train], "completions": {"learned": learned, "random": random_}, "prompts": prompts,
+        "unsteered": base[:len(meta["prompts"])], "completions": {"learned": learned, "random": random_}, "prompts": prompts,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from melbo.report import write_summary_md

@@ -199,6 +199,43 @@ def run_train(spec: RunSpec, lm: LoadedModel | None = None) -> dict:
     return summary
 
 
+def write_completions(out: Path, prompts: list[str], split: list[str], base: list[str], learned: list[list[str]],
+                      random_: list[list[str]], learned_obj: list[float], random_obj: list[float]) -> dict:
+    """Write ``completions.jsonl`` (unsteered, then every learned and random perturbation on every
+    prompt, with whether the completion changed) and compare learned against random.
+
+    Args:
+        prompts, split: the prompts and their split (``"train"`` or ``"heldout"``).
+        base: unsteered completion of each prompt; ``learned[v][i]``/``random_[v][i]``: steered ones.
+        learned_obj, random_obj: objective of each perturbation.
+
+    Returns:
+        ``{"learned": stats, "random": stats}``; stats give ``n``, ``changed_train`` (perturbations
+        that change the greedy completion of at least one training prompt), ``mean_objective`` and
+        ``mean_similarity_train`` (character similarity to unsteered, 1 = identical).
+    """
+    rows = [{"kind": "unsteered", "vector": None, "split": split[i], "prompt": p, "completion": base[i]}
+            for i, p in enumerate(prompts)]
+    for kind, group in (("learned", learned), ("random", random_)):
+        for v, comp in enumerate(group):
+            for i, p in enumerate(prompts):
+                rows.append({"kind": kind, "vector": v, "split": split[i], "prompt": p, "completion": comp[i],
+                             "changed": comp[i] != base[i], "similarity": round(similarity(comp[i], base[i]), 4)})
+    tmp = out / (COMPLETIONS + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, out / COMPLETIONS)
+    train = [i for i, s in enumerate(split) if s == "train"]
+
+    def stats(group, objectives):
+        changed = [any(c[i] != base[i] for i in train) for c in group]
+        sims = [similarity(c[i], base[i]) for c in group for i in train]
+        return {"n": len(group), "changed_train": int(sum(changed)),
+                "mean_objective": float(sum(objectives) / max(1, len(objectives))),
+                "mean_similarity_train": float(sum(sims) / max(1, len(sims)))}
+
+    return {"learned": stats(learned, learned_obj), "random": stats(random_, random_obj)}
+
+
 def evaluate_run(lm: LoadedModel, out: Path, vectors: torch.Tensor, rand: torch.Tensor, meta: dict,
                  heldout: list[str], gen: GenerationConfig) -> dict:
     """Generate completions (unsteered, learned, random; training and held-out prompts), write
@@ -209,32 +246,12 @@ def evaluate_run(lm: LoadedModel, out: Path, vectors: torch.Tensor, rand: torch.
     zero = torch.zeros(1, vectors.shape[1])
     comps = generate(lm, prompts, torch.cat([zero, vectors, rand]), src, 1.0, gen)
     base, learned, random_ = comps[0], comps[1:1 + len(vectors)], comps[1 + len(vectors):]
-    rows = []
-    for i, p in enumerate(prompts):
-        rows.append({"kind": "unsteered", "vector": None, "split": split[i], "prompt": p, "completion": base[i]})
-    for kind, group in (("learned", learned), ("random", random_)):
-        for v, comp in enumerate(group):
-            for i, p in enumerate(prompts):
-                rows.append({"kind": kind, "vector": v, "split": split[i], "prompt": p, "completion": comp[i],
-                             "changed": comp[i] != base[i], "similarity": round(similarity(comp[i], base[i]), 4)})
-    tmp = out / (COMPLETIONS + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out / COMPLETIONS)
-
-    n_train = len(meta["prompts"])
-
-    def stats(group, objectives):
-        changed = [any(c[i] != base[i] for i in range(n_train)) for c in group]
-        sims = [similarity(c[i], base[i]) for c in group for i in range(n_train)]
-        return {"n": len(group), "changed_train": int(sum(changed)),
-                "mean_objective": float(sum(objectives) / max(1, len(objectives))),
-                "mean_similarity_train": float(sum(sims) / max(1, len(sims)))}
-
-    learned_obj = [v["objective"] for v in meta["vectors"]]
+    stats = write_completions(out, prompts, split, base, learned, random_, [v["objective"] for v in meta["vectors"]],
+                              meta["random_objectives"])
     return {
         "out": str(out), "model": meta["model"], "radius": meta["radius"], "residual_norm": meta["residual_norm"],
-        "source_layer": src, "target_layer": meta["target_layer"],
-        "learned": stats(learned, learned_obj), "random": stats(random_, meta["random_objectives"]),
+        "source_layer": src, "target_layer": meta["target_layer"], **stats,
         "mean_cosine_start_end": float(sum(v["cosine_start_end"] for v in meta["vectors"]) / max(1, len(meta["vectors"]))),
-        "unsteered": base[:n_train], "completions": {"learned": learned, "random": random_}, "prompts": prompts,
+        "unsteered": base[:len(meta["prompts"])], "completions": {"learned": learned, "random": random_},
+        "prompts": prompts,
     }

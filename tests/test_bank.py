@@ -1,6 +1,5 @@
 """Vector bank files: round trip, atomic writes, model checks, vector choice."""
 
-import json
 
 import pytest
 import torch

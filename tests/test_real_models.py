@@ -1,7 +1,6 @@
 """The whole pipeline on the real pretrained models of ../shared/models (skipped when absent)."""
 
 import pytest
-import torch
 
 from conftest import shared_model_path
 from melbo.generate import generate

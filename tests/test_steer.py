@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import FAST_ARCHS, tiny_loaded
+from conftest import tiny_loaded
 from melbo.steer import add_steering, steer
 
 

@@ -1,6 +1,5 @@
 """MELBO training: constraints hold, the objective rises, the fast path equals the naive one."""
 
-import itertools
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from conftest import tiny_loaded
 from melbo.errors import MelboError
 from melbo.objective import Slice
 from melbo.prompts import encode_prompts
-from melbo.train import TrainConfig, random_start, random_vectors, train_vector, train_vectors
+from melbo.train import TrainConfig, random_start, random_vectors, train_vectors
 
 PROMPTS = ["The cat sat on the mat.", "Hello"]
 
