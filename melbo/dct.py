@@ -851,7 +851,7 @@ def write_dct_summary_md(path: str | os.PathLike, meta: dict, summary: dict,
                          calibration: Calibration | None = None) -> Path:
     """Write ``summary.md`` of a DCT run: settings, learned-versus-random table, calibration
     curve, and per ranked vector α, c, ‖Δ(Rv)‖ and the completion beside the unsteered one."""
-    from melbo.report import _cell
+    from melbo.report import prompt_sections
 
     path = Path(path)
     L, R = summary["learned"], summary["random"]
@@ -879,19 +879,9 @@ def write_dct_summary_md(path: str | os.PathLike, meta: dict, summary: dict,
     if calibration:
         lines += ["", "Calibration curve (nonlinearity ratio against r):", "", "```",
                   format_curve(calibration.curve, calibration.lam, calibration.radius), "```"]
-    prompts = summary["prompts"]
-    for i, prompt in enumerate(prompts[: len(meta["prompts"])]):
-        lines += ["", f"## Prompt {i}: {_cell(prompt, 200)}", "",
-                  f"**Unsteered:** {_cell(summary['unsteered'][i], 600)}", "",
-                  "| rank | α | c | ‖Δ(Rv)‖ | completion |", "|---|---|---|---|---|"]
-        for v in range(summary["evaluated"]):
-            info = meta["vectors"][v]
-            lines.append(f"| {v} | {info['alpha']:.4g} | {info['causal_importance']:.4g} | {info['objective']:.4g} | "
-                         f"{_cell(summary['completions']['learned'][v][i])} |")
-        lines += ["", "Random baseline:", "", "| random | ‖Δ(Rv)‖ | completion |", "|---|---|---|"]
-        for v, comp in enumerate(summary["completions"]["random"]):
-            lines.append(f"| r{v} | {meta['random_objectives'][v]:.4g} | {_cell(comp[i])} |")
-    if len(prompts) > len(meta["prompts"]):
-        lines += ["", "Held-out prompts: see completions.jsonl (split = heldout)."]
+    columns = [("rank", lambda v, info: str(v)), ("α", lambda v, info: f"{info['alpha']:.4g}"),
+               ("c", lambda v, info: f"{info['causal_importance']:.4g}"),
+               ("‖Δ(Rv)‖", lambda v, info: f"{info['objective']:.4g}")]
+    lines += prompt_sections(meta, summary, columns, summary["evaluated"], random_metric="‖Δ(Rv)‖")
     path.write_text("\n".join(lines) + "\n")
     return path
