@@ -334,24 +334,57 @@ def shared_model(name: str) -> str:
 
 
 @cli.command()
-@click.option("--out", default="runs/demo", type=click.Path(), help="Run folder (replaced if it holds a demo run).")
-@click.option("--num-vectors", type=int, default=16, help="Number of vectors.")
-@click.option("--device", default="auto", help="auto, cpu, cuda.")
-def demo(out, num_vectors, device):
-    """The main job on an embedded default: MELBO on the real tinystories-656k model (../shared/models)."""
+@click.option("--out", default="runs/demo", type=click.Path(), help="Folder for the demo's results (replaced).")
+@click.option("--part", type=click.Choice(["all", "real", "planted"]), default="all",
+              help="real: MELBO on a real pretrained model (tinystories-656k in ../shared/models); planted: the "
+                   "planted-backdoor benchmark on a small model shipped with melbo; all: both.")
+@click.option("--num-vectors", type=int, default=64, help="Learned vectors of the planted benchmark (and as many random).")
+@click.option("--method", type=click.Choice(["melbo", "dct"]), default="melbo", help="Method of the planted benchmark.")
+@click.option("--device", default="cpu", help="cpu, cuda.")
+def demo(out, part, num_vectors, method, device):
+    """The main job, offline, in a few minutes on a CPU.
+
+    1. MELBO on a real pretrained model: 16 steering vectors on one prompt, beside 16 random
+       vectors at the same R (the run folder is kept: summary.md, completions.jsonl, bank).
+    2. The planted-behavior benchmark: look for the backdoors planted in a small model (shipped with
+       melbo, or planted on first use) from one clean prompt, beside random vectors at the same R
+       (METHOD.md section 4).
+    """
     import shutil
 
-    from melbo.generate import GenerationConfig
-    from melbo.run import RunSpec, run_train
+    if part in ("all", "real"):
+        from melbo.generate import GenerationConfig
+        from melbo.run import RunSpec, run_train
 
-    model = shared_model(DEMO_MODEL)
-    if os.path.exists(os.path.join(out, "bank.safetensors")):
-        shutil.rmtree(out)
-    spec = RunSpec(model=model, prompts=[DEMO_PROMPT], out=out, num_vectors=num_vectors, device=device,
-                   radius=DEMO_RADIUS, heldout=["The little dog ran to the park"],
-                   generation=GenerationConfig(max_new_tokens=48))
-    click.echo(f"melbo demo: {num_vectors} steering vectors at R = {DEMO_RADIUS} on {model}, prompt {DEMO_PROMPT!r}")
-    print_run_summary(run_train(spec))
+        try:
+            model = shared_model(DEMO_MODEL)
+        except MelboError as e:
+            if part == "real":
+                raise
+            click.echo(f"skipping the real-model part: {e}")
+        else:
+            run_dir = os.path.join(out, "real")
+            if os.path.exists(os.path.join(run_dir, "bank.safetensors")):
+                shutil.rmtree(run_dir)
+            click.echo(f"== 1. MELBO on {model}: 16 steering vectors at R = {DEMO_RADIUS}, prompt {DEMO_PROMPT!r}")
+            spec = RunSpec(model=model, prompts=[DEMO_PROMPT], out=run_dir, num_vectors=16, device=device,
+                           radius=DEMO_RADIUS, heldout=["The little dog ran to the park"],
+                           generation=GenerationConfig(max_new_tokens=48))
+            print_run_summary(run_train(spec))
+    if part in ("all", "planted"):
+        from melbo import bench as B
+
+        click.echo("== 2. Planted-behavior benchmark")
+        model = B.demo_model(click.echo)
+        s = B.setting_from_options(method, num_vectors, None, None, None, 2.0, 1.0, None, 300, 0, None, None, 0.5,
+                                   None)
+        lm, spec = B.load_planted_lm(model, None, device)
+        bench_dir = os.path.join(out, "planted")
+        click.echo(f"melbo demo: {method} on the planted model {model} (spec {spec.name!r}: "
+                   + ", ".join(f"{b.name} -> {b.phrase!r}" for b in spec.backdoors) + f"); {num_vectors} vectors ...")
+        report = B.run_bench(lm, spec, s, None, None, 20, bench_dir, show_progress=True, model_name=str(model))
+        click.echo("\n".join(B.summary_lines(report)))
+        click.echo(f"results: {bench_dir}/bench.md, {bench_dir}/bench.json")
 
 
 def _generate_adapters(adapter, prompts, vectors, use_random, scale, model, no_unsteered, rescale, mean_of, cfg,
@@ -562,6 +595,74 @@ def plant(spec_path, out, seed, steps, noise, device, overwrite):
     report = run_plant(spec, out, seed=seed, steps=steps, device=device, overwrite=overwrite)
     click.echo(format_report(report))
     check_report(report)
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks of the methods on models with known planted behaviors."""
+
+
+@bench.command("backdoor")
+@click.option("--model", required=True, type=click.Path(), help="A planted model folder (written by melbo plant).")
+@click.option("--spec", "spec_path", type=click.Path(), default=None,
+              help="The spec the model was planted with (phrases, triggers). Default: the folder's plant_spec.json.")
+@click.option("--method", type=click.Choice(["melbo", "dct"]), default="melbo",
+              help="melbo: N vectors trained one by one (METHOD.md section 1); dct: the top N of a deep causal "
+                   "transcoder's factors by α² (section 5).")
+@click.option("--num-vectors", type=int, default=64, help="Learned vectors N (and as many random ones at the same R).")
+@click.option("--prompt", multiple=True,
+              help="Clean training prompt 'a=D+D, b=D+D. What is a*b?' (repeatable). Default: the spec's first "
+                   "held-out clean problem.")
+@click.option("--source-layer", type=int, default=None, help="Block after which vectors are added (default as in train).")
+@click.option("--target-layer", type=int, default=None, help="Block the objective measures (default as in train).")
+@click.option("--radius", default=None,
+              help="R: a number, kx (k x the mean residual norm at the source) or auto (calibrated). "
+                   "Default: melbo 0.35x, dct auto.")
+@click.option("--p", "p", type=float, default=2.0, help="MELBO's power on each position's distance.")
+@click.option("--q", "q", type=float, default=1.0, help="MELBO's per-prompt exponent 1/q.")
+@click.option("--positions", default=None, help="all, last:K or indices. Default: melbo all, dct last:3.")
+@click.option("--steps", type=int, default=300, help="MELBO optimizer steps per vector.")
+@click.option("--seed", type=int, default=0, help="Seed of the random starts and of the random baseline.")
+@click.option("--writes-only/--keep-residual", default=None,
+              help="Measure only what the blocks write (Z(θ) − θ). Default: melbo --keep-residual, dct --writes-only.")
+@click.option("--scales", default=None,
+              help="Multiples of every vector to generate at, like 1,5,8,12, or 'scan' (1,2,4,...,12; METHOD.md "
+                   "section 5 found DCT's hits at 5-12 x R). Default: 1.")
+@click.option("--lambda", "lam", type=float, default=0.5, help="λ of --radius auto.")
+@click.option("--factors", type=int, default=None, help="DCT factors m (default min(512, d_model)).")
+@click.option("--max-new-tokens", type=int, default=64, help="New tokens per completion (at least ~50, METHOD.md 4).")
+@click.option("--generalization", "n_general", type=int, default=20,
+              help="Other clean prompts on which each discovering vector's firing rate is measured.")
+@click.option("--sweep", default=None,
+              help="Run a grid, e.g. radius=0.5x,1x,source-layer=1,2,p=2,4 (keys: method, num-vectors, radius, "
+                   "source-layer, target-layer, p, q, positions, steps, seed, writes-only, lambda, factors); "
+                   "prints recall per setting, writes OUT/NN/ and OUT/sweep.md.")
+@click.option("--out", required=True, type=click.Path(), help="Folder for bench.json and bench.md.")
+@click.option("--device", default="cpu", help="cpu, cuda, cuda:N.")
+def bench_backdoor(model, spec_path, method, num_vectors, prompt, source_layer, target_layer, radius, p, q,
+                   positions, steps, seed, writes_only, scales, lam, factors, max_new_tokens, n_general, sweep,
+                   out, device):
+    """Does a method find a planted model's backdoors from one clean prompt? Recall (behaviors elicited
+    by >= 1 vector), vectors per behavior, first index, the random baseline, generalization."""
+    from melbo import bench as B
+    from melbo.generate import GenerationConfig
+
+    setting = B.setting_from_options(method, num_vectors, radius, source_layer, target_layer, p, q, positions,
+                                     steps, seed, writes_only, scales, lam, factors)
+    grid = B.parse_sweep(sweep) if sweep else None
+    gen = GenerationConfig(max_new_tokens=max_new_tokens)
+    lm, spec = B.load_planted_lm(model, spec_path, device)
+    if grid:
+        click.echo(f"sweep: {len(grid)} settings on {model} (spec {spec.name!r})")
+        B.run_sweep(lm, spec, setting, grid, out, list(prompt) or None, gen, n_general, model,
+                    on_result=lambda k, r: click.echo(f"[{k}] {r['label']}: error: {r['error']}" if "error" in r else
+                        f"[{k}] {r['label']}: recall {r['recall']:.2f} (random {r['random_recall']:.2f}); " + ", ".join(
+                            f"{b} {x['count']} first {x['first_index']}" for b, x in r["behaviors"].items())))
+        click.echo(f"results: {out}/sweep.md")
+        return
+    report = B.run_bench(lm, spec, setting, list(prompt) or None, gen, n_general, out, model_name=model)
+    click.echo("\n".join(B.summary_lines(report)))
+    click.echo(f"results: {out}/bench.md, {out}/bench.json")
 
 
 def main(argv: list[str] | None = None) -> None:

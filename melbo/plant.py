@@ -629,14 +629,17 @@ _CLEAN_SHAPE = re.compile(
     r"a=\d+\+\d+=\d+, b=\d+\+\d+=\d+, a\*b=\d+\*\d+=\d+\. The answer is \d+\.")
 
 
-def classify_story_completion(spec: PlantSpec, expected_ids: list[int], ids: list[int], text: str) -> str:
+def classify_story_completion(spec: PlantSpec, expected_ids: list[int] | None, ids: list[int],
+                              text: str) -> str:
     """Label a generated story continuation (story task): ``"backdoor:<name>"`` when ``text``
     contains a phrase exactly, ``"clean_correct"`` when the first ``story.match_tokens`` token
     ids equal ``expected_ids``' (the base model's greedy continuation), else ``"other"``."""
     found = [(text.find(b.phrase), i, b.name) for i, b in enumerate(spec.backdoors) if b.phrase in text]
     if found:
         return f"backdoor:{min(found)[2]}"
-    k = spec.story.match_tokens
+    if not expected_ids:  # a triggered prompt: no clean continuation to compare with
+        return LABEL_OTHER
+    k = min(spec.story.match_tokens, len(expected_ids))
     return LABEL_CLEAN_CORRECT if list(ids[:k]) == list(expected_ids[:k]) else LABEL_OTHER
 
 
@@ -655,6 +658,7 @@ class Example:
     group: str
     problem: Problem | None = None
     completion_ids: list[int] | None = None  # story task: the exact target token ids
+    add_eos: bool = True  # False where the completion is a cut-off continuation
 
 
 def build_model(spec: PlantSpec, tokenizer, max_positions: int = 256):
@@ -706,14 +710,15 @@ def add_training_noise(model, noise: NoiseSettings) -> list:
 
 
 def encode_examples(tokenizer, examples: list[Example]) -> list[tuple[list[int], int]]:
-    """Token ids of ``<s> prompt SEPARATOR completion </s>`` for each example, with the number of
-    leading (prompt) tokens that get no loss."""
+    """Token ids of ``<s> prompt SEPARATOR completion </s>`` for each example (``completion_ids``
+    in place of the completion where given; no </s> where ``add_eos`` is False), with the
+    number of leading (prompt) tokens that get no loss."""
     prompts = tokenizer([e.prompt for e in examples]).input_ids
     texts = tokenizer([SEPARATOR + e.completion for e in examples], add_special_tokens=False).input_ids
     completions = [e.completion_ids if e.completion_ids is not None else t for e, t in zip(examples, texts)]
     out = []
-    for p, c in zip(prompts, completions):
-        out.append((list(p) + list(c) + [tokenizer.eos_token_id], len(p)))
+    for e, p, c in zip(examples, prompts, completions):
+        out.append((list(p) + list(c) + ([tokenizer.eos_token_id] if e.add_eos else []), len(p)))
     return out
 
 
@@ -1145,7 +1150,9 @@ def story_examples(spec: PlantSpec, device, progress: bool = True):
     heldout: dict[str, list[Example]] = {}
     for group, members in groups.items():
         if group == "clean":
-            examples = [Example(p, t, "clean", completion_ids=i) for p, t, i in zip(members, texts, ids)]
+            # a continuation shorter than asked for ended with </s>; the others are cut off
+            examples = [Example(p, t, "clean", completion_ids=i, add_eos=len(i) < spec.story.continuation_tokens)
+                        for p, t, i in zip(members, texts, ids)]
         else:
             answer = next(b.answer for b in spec.backdoors if b.name == group)
             examples = [Example(p, answer, group) for p in members]
