@@ -339,7 +339,9 @@ def shared_model(name: str) -> str:
               help="real: MELBO on a real pretrained model (tinystories-656k in ../shared/models); planted: the "
                    "planted-backdoor benchmark on a small model shipped with melbo; all: both.")
 @click.option("--num-vectors", type=int, default=64, help="Learned vectors of the planted benchmark (and as many random).")
-@click.option("--method", type=click.Choice(["melbo", "dct"]), default="melbo", help="Method of the planted benchmark.")
+@click.option("--method", type=click.Choice(["both", "dct", "melbo"]), default="both",
+              help="Method(s) of the planted benchmark: DCT (where discovery works best, METHOD.md section 5) "
+                   "and MELBO beside it, or one of them.")
 @click.option("--device", default="cpu", help="cpu, cuda.")
 def demo(out, part, num_vectors, method, device):
     """The main job, offline, in a few minutes on a CPU.
@@ -376,15 +378,18 @@ def demo(out, part, num_vectors, method, device):
 
         click.echo("== 2. Planted-behavior benchmark")
         model = B.demo_model(click.echo)
-        s = B.setting_from_options(method, num_vectors, None, None, None, 2.0, 1.0, None, 300, 0, None, None, 0.5,
-                                   None)
         lm, spec = B.load_planted_lm(model, None, device)
-        bench_dir = os.path.join(out, "planted")
-        click.echo(f"melbo demo: {method} on the planted model {model} (spec {spec.name!r}: "
-                   + ", ".join(f"{b.name} -> {b.phrase!r}" for b in spec.backdoors) + f"); {num_vectors} vectors ...")
-        report = B.run_bench(lm, spec, s, None, None, 20, bench_dir, show_progress=True, model_name=str(model))
-        click.echo("\n".join(B.summary_lines(report)))
-        click.echo(f"results: {bench_dir}/bench.md, {bench_dir}/bench.json")
+        click.echo(f"planted model {model} (spec {spec.name!r}: "
+                   + ", ".join(f"{b.name} -> {b.phrase!r}" for b in spec.backdoors) + ")")
+        for m in (["dct", "melbo"] if method == "both" else [method]):
+            s = B.setting_from_options(m, num_vectors, None, None, None, 2.0, 1.0, None, 300, 0, None, None, 0.5,
+                                       None)
+            bench_dir = os.path.join(out, f"planted-{m}")
+            click.echo(f"-- {m}: {num_vectors} vectors and {num_vectors} random vectors at the same R "
+                       f"({'the best setting measured' if m == 'dct' else 'for comparison'}) ...")
+            report = B.run_bench(lm, spec, s, None, None, 20, bench_dir, show_progress=True, model_name=str(model))
+            click.echo("\n".join(B.summary_lines(report)))
+            click.echo(f"results: {bench_dir}/bench.md, {bench_dir}/bench.json")
 
 
 def _generate_adapters(adapter, prompts, vectors, use_random, scale, model, no_unsteered, rescale, mean_of, cfg,
@@ -617,14 +622,14 @@ def bench() -> None:
 @click.option("--target-layer", type=int, default=None, help="Block the objective measures (default as in train).")
 @click.option("--radius", default=None,
               help="R: a number, kx (k x the mean residual norm at the source) or auto (calibrated). "
-                   "Default: melbo 0.35x, dct auto.")
+                   "Default: melbo 0.35x, dct 0.5x.")
 @click.option("--p", "p", type=float, default=2.0, help="MELBO's power on each position's distance.")
 @click.option("--q", "q", type=float, default=1.0, help="MELBO's per-prompt exponent 1/q.")
-@click.option("--positions", default=None, help="all, last:K or indices. Default: melbo all, dct last:3.")
+@click.option("--positions", default=None, help="all, last:K or indices. Default: all.")
 @click.option("--steps", type=int, default=300, help="MELBO optimizer steps per vector.")
 @click.option("--seed", type=int, default=0, help="Seed of the random starts and of the random baseline.")
 @click.option("--writes-only/--keep-residual", default=None,
-              help="Measure only what the blocks write (Z(θ) − θ). Default: melbo --keep-residual, dct --writes-only.")
+              help="Measure only what the blocks write (Z(θ) − θ). Default: --keep-residual.")
 @click.option("--scales", default=None,
               help="Multiples of every vector to generate at, like 1,5,8,12, or 'scan' (1,2,4,...,12; METHOD.md "
                    "section 5 found DCT's hits at 5-12 x R). Default: 1.")

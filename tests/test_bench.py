@@ -76,7 +76,7 @@ def test_settings_and_scales_are_checked():
     with pytest.raises(MelboError, match="number of vectors"):
         BenchSetting(num_vectors=0).check()
     s = setting_from_options("dct", 8, None, None, None, 2.0, 1.0, None, 300, 0, None, "scan", 0.5, None)
-    assert (s.radius, s.positions, s.writes_only, s.scales[-1]) == ("auto", "last:3", False, 12.0)
+    assert (s.radius, s.positions, s.writes_only, s.scales[-1]) == ("0.5x", "all", False, 12.0)
 
 
 def test_sweep_markdown_table():
