@@ -102,3 +102,10 @@ def test_resume_continues_from_done_vectors():
                          on_vector=lambda k, r: calls.append(k))
     assert calls == [2] and len(rest) == 1
     torch.testing.assert_close(rest[0].vector, full[2].vector, atol=1e-5, rtol=1e-4)
+
+
+def test_zero_vector_cannot_go_on_the_sphere():
+    from melbo.train import to_sphere
+
+    with pytest.raises(MelboError, match="zero vector"):
+        to_sphere(torch.zeros(2, 8), 1.0)
