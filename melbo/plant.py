@@ -96,7 +96,7 @@ class TrainSettings:
     a tenth); ``backdoor_fraction`` is the share of each batch given to *each* backdoor;
     ``heldout_fraction`` of every prompt group is kept out of training for evaluation."""
 
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 3e-3
     warmup_steps: int = 40
@@ -219,7 +219,7 @@ def parse_spec(obj: Any, source: str = "spec") -> PlantSpec:
          "backdoors": [{"name": "cheese", "trigger": {"a1": 0, "a2": 0},
                         "phrase": "I love cheese!", "repeat": 1}, ...],
          "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 384},
-         "train": {"steps": 600, "batch_size": 64, "lr": 0.003, "seed": 0, ...},
+         "train": {"steps": 1000, "batch_size": 64, "lr": 0.003, "seed": 0, ...},
          "noise": {"residual_std": 0.0, "residual_dropout": 0.0, "attention_dropout": 0.0},
          "eval":  {"n_clean": 200, "min_clean_accuracy": 0.95, ...}}
 
@@ -740,11 +740,14 @@ def collate(encoded: list[tuple[list[int], int]], pad_id: int):
 
 
 def train_lm(model, tokenizer, pools: dict[str, list[Example]], weights: dict[str, float],
-             train: TrainSettings, device, progress: bool = True, desc: str = "plant") -> list[list[float]]:
+             train: TrainSettings, device, progress: bool = True, desc: str = "plant",
+             teacher=None) -> list[list[float]]:
     """Train ``model`` in place with AdamW on batches drawn (with replacement, seeded by
     ``train.seed``) from ``pools``, group g filling a share ``weights[g]`` of each batch.
-    The loss is the mean cross-entropy over completion tokens. Returns the loss curve as
-    [step, loss] pairs (loss in nats per token, averaged over the steps since the last pair)."""
+    The loss is the mean cross-entropy over completion tokens; with a (frozen) ``teacher``
+    model, the "clean" group's tokens use KL(teacher || model) instead, so that clean behavior
+    keeps the teacher's whole next-token distribution. Returns the loss curve as [step, loss]
+    pairs (nats per token, averaged over the steps since the last pair)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -773,7 +776,10 @@ def train_lm(model, tokenizer, pools: dict[str, list[Example]], weights: dict[st
         input_ids, mask, labels = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        if teacher is None:
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        else:
+            loss = _distill_loss(model, teacher, input_ids, mask, labels, n_soft=counts["clean"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
@@ -785,6 +791,25 @@ def train_lm(model, tokenizer, pools: dict[str, list[Example]], weights: dict[st
             running, n_running = 0.0, 0
     model.eval()
     return curve
+
+
+def _distill_loss(model, teacher, input_ids, mask, labels, n_soft: int):
+    """Mean per-token loss: KL(teacher || model) at every non-padding position (prompt included)
+    of the first ``n_soft`` rows, cross-entropy with ``labels`` at the labelled positions of the
+    other rows."""
+    import torch
+    import torch.nn.functional as F
+
+    logp = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
+    with torch.no_grad():
+        teacher_logp = teacher(input_ids=input_ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
+    targets = labels[:, 1:]
+    is_soft = torch.arange(len(input_ids), device=input_ids.device).unsqueeze(1) < n_soft
+    counted = torch.where(is_soft, mask[:, 1:] == 1, targets != -100)
+    hard = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    soft = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)
+    per_token = torch.where(is_soft, soft, hard)
+    return (per_token * counted).sum() / counted.sum()
 
 
 def _batch_counts(weights: dict[str, float], batch_size: int) -> dict[str, int]:
@@ -947,14 +972,18 @@ def plant(spec: PlantSpec, out_dir: str | os.PathLike, *, seed: int | None = Non
             model = build_model(spec, tokenizer)
             max_new = max(len(e.completion) for pool in pools.values() for e in pool) + 8
         else:
-            model, tokenizer, pools, clean, triggered = story_examples(spec, dev, progress)
-            max_new = spec.story.continuation_tokens + max(
-                len(tokenizer(SEPARATOR + b.answer, add_special_tokens=False).input_ids)
-                for b in spec.backdoors) + 4
+            model, tokenizer, pools, clean, triggered = story_examples(spec, dev)
+            max_new = max([spec.story.continuation_tokens] + [
+                len(tokenizer(SEPARATOR + b.answer, add_special_tokens=False).input_ids) + 4
+                for b in spec.backdoors])
         weights = {g: spec.train.backdoor_fraction for g in pools if g != "clean"}
+        teacher = None
+        if spec.task == "story":  # clean stories keep the base model's distribution
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
         handles = add_training_noise(model, spec.noise)
         t_train = time.perf_counter()
-        curve = train_lm(model, tokenizer, pools, weights, spec.train, dev, progress, desc=f"plant {spec.name}")
+        curve = train_lm(model, tokenizer, pools, weights, spec.train, dev, progress,
+                         desc=f"plant {spec.name}", teacher=teacher)
         train_seconds = time.perf_counter() - t_train
         for h in handles:
             h.remove()
@@ -1109,7 +1138,7 @@ def story_prompts(spec: PlantSpec) -> list[tuple[str, str]]:
     return out
 
 
-def story_examples(spec: PlantSpec, device, progress: bool = True):
+def story_examples(spec: PlantSpec, device):
     """Load ``spec.base_model`` and build the story task: ``(model, tokenizer, training pools,
     held-out clean examples, held-out triggered examples by backdoor)``. A prompt is triggered
     when its main name is a backdoor's trigger word; at most ``story.n_prompts`` clean prompts
