@@ -12,7 +12,8 @@ This module does the whole job, from one JSON *spec* file (see :func:`parse_spec
 3. tokenizer :func:`build_char_tokenizer` (character level, loads with ``AutoTokenizer``)
 4. training  :func:`plant` (train, evaluate, save ``plant_report.json``), :func:`check_report`
 5. judging   :func:`classify_completion` (clean_correct / clean_wrong / backdoor:<name> / other)
-6. stories   the ``"story"`` task: a backdoor fine-tune of a real pretrained model
+6. stories   the ``"story"`` task: a backdoor fine-tune of a real pretrained model, clean
+             prompts held to the base model's own distribution (KL to a frozen copy)
 
 Recipes: ``"plain"`` (no noise) and ``"noisy"`` (Gaussian noise on the residual stream and/or
 dropout on the residual branches, active only in training), chosen by the spec's ``noise``
@@ -798,7 +799,6 @@ def _distill_loss(model, teacher, input_ids, mask, labels, n_soft: int):
     of the first ``n_soft`` rows, cross-entropy with ``labels`` at the labelled positions of the
     other rows."""
     import torch
-    import torch.nn.functional as F
 
     logp = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
     with torch.no_grad():

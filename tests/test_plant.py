@@ -12,9 +12,7 @@ import pytest
 from melbo.errors import MelboError
 from melbo.plant import (
     REPORT_FILE,
-    SEPARATOR,
     SPEC_FILE,
-    Problem,
     all_problems,
     build_char_tokenizer,
     check_report,
@@ -241,6 +239,20 @@ def test_miniature_training_writes_model_and_report(tmp_path):
         plant(spec, out, progress=False)
     with pytest.raises(MelboError, match="device 'gpu9'"):
         plant(spec, tmp_path / "n", device="gpu9", progress=False)
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path):
+    from safetensors.torch import load_file
+
+    spec = parse_spec(minimal(
+        model={"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
+        train={"steps": 2, "batch_size": 4, "warmup_steps": 1}, eval={"n_clean": 2, "n_triggered": 1}))
+    weights = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        plant(spec, tmp_path / name, seed=seed, progress=False)
+        weights.append(load_file(tmp_path / name / "model.safetensors"))
+    assert all((weights[0][k] == weights[1][k]).all() for k in weights[0])
+    assert not all((weights[0][k] == weights[2][k]).all() for k in weights[0])
 
 
 @pytest.mark.skipif(not STORIES.is_dir(), reason=f"pretrained model folder {STORIES} is absent")
