@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,11 +41,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import melbo
+from melbo.bank import atomic_write
 from melbo.errors import MelboError
 from melbo.models import LoadedModel
 from melbo.objective import Slice, repeat_batch, melbo_objective
 from melbo.prompts import PromptBatch
-from melbo.steer import block_output
+from melbo.steer import HookHandle, block_output
 from melbo.train import TrainConfig
 
 # Dotted paths (inside a decoder block) of the MLP output projection, most common first:
@@ -148,7 +148,7 @@ def find_mlp_out(lm: LoadedModel, layer: int, path: str | None = None) -> MlpOut
 
 # ---------------------------------------------------------------- applying adapters
 
-class AdapterHook:
+class AdapterHook(HookHandle):
     """Adds ``radius · Ω_B Ω_Aᵀ x`` to the output of an MLP output module (a forward hook).
 
     Args:
@@ -172,7 +172,7 @@ class AdapterHook:
             raise MelboError(f"adapter factors of shapes {tuple(omega_a.shape)} and {tuple(omega_b.shape)} do not fit: "
                              f"use Ω_A [d_hidden, r] with Ω_B [d_model, r], or [V, d_hidden, r] with [V, d_model, r]")
         self.omega_a, self.omega_b, self.radius = omega_a, omega_b, radius
-        self._hook = module.register_forward_hook(self._forward_hook)
+        super().__init__(module)
 
     def _forward_hook(self, module, args, output):
         x = args[0]
@@ -192,18 +192,6 @@ class AdapterHook:
         else:
             delta = delta * r
         return output + delta.reshape(output.shape)
-
-    def remove(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-    def __enter__(self) -> "AdapterHook":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
 
 @contextmanager
 def apply_adapter(module: nn.Module, omega_a: torch.Tensor, omega_b: torch.Tensor,
@@ -541,12 +529,12 @@ def save_peft_adapter(folder: str | os.PathLike, lm: LoadedModel, mlp: MlpOut, o
     prefix = f"base_model.model.{mlp.full_name}"
     tensors = {f"{prefix}.lora_A.weight": omega_a.detach().float().cpu().T.contiguous(),
                f"{prefix}.lora_B.weight": (float(radius) * omega_b.detach().float().cpu()).contiguous()}
-    _atomic(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     info = {"format": "melbo.adapter/1", "melbo_version": melbo.__version__, "module": mlp.path,
             "module_name": mlp.full_name, "rank": r, "radius": float(radius),
             "peft_scale": 1.0, "note": "lora_A.weight = Ω_Aᵀ, lora_B.weight = R·Ω_B, lora_alpha = r",
             **(meta or {})}
-    _atomic(folder / ADAPTER_META, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
+    atomic_write(folder / ADAPTER_META, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2)))
     return folder
 
 
@@ -597,17 +585,6 @@ def adapter_module(lm: LoadedModel, module_name: str) -> nn.Module:
     return mod
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------- adapter banks
 
 def save_adapters(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -618,7 +595,7 @@ def save_adapters(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": ADAPTERS_FORMAT, "melbo_version": melbo.__version__, **meta}
     data = {k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(data, tmp, metadata={"melbo": json.dumps(meta)}))
+    atomic_write(path, lambda tmp: save_file(data, tmp, metadata={"melbo": json.dumps(meta)}))
     return path
 
 

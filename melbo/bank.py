@@ -61,6 +61,21 @@ def model_meta(loaded) -> dict:
     }
 
 
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Write ``path`` whole or not at all: ``write(tmp)`` fills a temporary file beside it, which
+    then replaces ``path`` by rename; on any error the temporary file is removed. Returns the path."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_bank(path: str | os.PathLike, bank: Bank) -> Path:
     """Write ``bank`` to ``path`` atomically. Returns the path.
 
@@ -80,14 +95,7 @@ def save_bank(path: str | os.PathLike, bank: Bank) -> Path:
     meta = {"format": FORMAT, "melbo_version": melbo.__version__, **bank.meta}
     meta["num_vectors"] = int(vectors.shape[0])
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".bank-", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"melbo": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"melbo": json.dumps(meta)}))
     bank.meta = meta
     return path
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from melbo.bank import atomic_write
 from melbo.errors import MelboError
 from melbo.generate import GenerationConfig, generate
 from melbo.models import LoadedModel, check_layers, default_layers
@@ -462,9 +463,7 @@ def write_report(out: str | os.PathLike, report: dict) -> Path:
     """Write ``bench.json`` and ``bench.md`` into ``out`` (created). Returns the folder."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (BENCH_JSON + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, folder / BENCH_JSON)
+    atomic_write(folder / BENCH_JSON, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     (folder / BENCH_MD).write_text(report_markdown(report))
     return folder
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from melbo.bank import Bank, check_bank, load_bank, model_meta, save_bank
+from melbo.bank import Bank, atomic_write, check_bank, load_bank, model_meta, save_bank
 from melbo.errors import MelboError
 from melbo.generate import GenerationConfig, generate
 from melbo.models import LoadedModel, check_layers, default_layers, load_model
@@ -221,9 +220,7 @@ def write_completions(out: Path, prompts: list[str], split: list[str], base: lis
             for i, p in enumerate(prompts):
                 rows.append({"kind": kind, "vector": v, "split": split[i], "prompt": p, "completion": comp[i],
                              "changed": comp[i] != base[i], "similarity": round(similarity(comp[i], base[i]), 4)})
-    tmp = out / (COMPLETIONS + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out / COMPLETIONS)
+    atomic_write(out / COMPLETIONS, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     train = [i for i, s in enumerate(split) if s == "train"]
 
     def stats(group, objectives):

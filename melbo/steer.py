@@ -46,21 +46,17 @@ def add_to_hidden(hidden: torch.Tensor, vector: torch.Tensor, scale: float = 1.0
     )
 
 
-class SteeringHandle:
-    """A steering vector attached to a block by a forward hook. Call :meth:`remove` to detach.
+class HookHandle:
+    """A forward hook on ``module`` running ``self._forward_hook``. Call :meth:`remove` to detach.
 
-    Also a context manager: ``with SteeringHandle(...):`` removes the hook on exit, also when
-    the body raises.
+    Also a context manager: ``with handle:`` removes the hook on exit, also when the body raises.
     """
 
-    def __init__(self, block: nn.Module, vector: torch.Tensor, scale: float = 1.0):
-        self.vector = vector
-        self.scale = scale
-        self._hook = block.register_forward_hook(self._forward_hook)
+    def __init__(self, module: nn.Module):
+        self._hook = module.register_forward_hook(self._forward_hook)
 
-    def _forward_hook(self, module, args, output):
-        hidden = add_to_hidden(block_output(output), self.vector, self.scale)
-        return replace_block_output(output, hidden)
+    def _forward_hook(self, module, args, output):  # pragma: no cover - subclasses override
+        raise NotImplementedError
 
     def remove(self) -> None:
         """Detach the hook (safe to call twice)."""
@@ -68,11 +64,24 @@ class SteeringHandle:
             self._hook.remove()
             self._hook = None
 
-    def __enter__(self) -> "SteeringHandle":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+class SteeringHandle(HookHandle):
+    """A steering vector attached to a block by a forward hook (see :class:`HookHandle`)."""
+
+    def __init__(self, block: nn.Module, vector: torch.Tensor, scale: float = 1.0):
+        self.vector = vector
+        self.scale = scale
+        super().__init__(block)
+
+    def _forward_hook(self, module, args, output):
+        hidden = add_to_hidden(block_output(output), self.vector, self.scale)
+        return replace_block_output(output, hidden)
 
 
 def add_steering(blocks: nn.ModuleList, layer: int, vector: torch.Tensor, scale: float = 1.0) -> SteeringHandle:
