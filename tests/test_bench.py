@@ -258,3 +258,19 @@ def test_adapter_method_end_to_end(tiny_planted, tmp_path):
         learn_vectors(lm, rep["train_prompts"], replace(s, radius="auto"))
     with pytest.raises(MelboError, match="allowed: qr, soft"):
         BenchSetting(method="dct", orthogonalize="none").check()
+
+
+def test_demo_fixtures_are_shipped_with_their_specs():
+    from melbo.bench import FIXTURES, demo_model
+
+    for name, folder in FIXTURES.items():
+        assert demo_model(lambda _: None, name) == folder
+        shipped = load_spec(folder / SPEC_FILE)
+        assert [(b.name, b.phrase) for b in shipped.backdoors] == [(b.name, b.phrase) for b in load_spec(name).backdoors]
+        report = json.loads((folder / "plant_report.json").read_text())
+        assert report["status"] == "PASSED"
+    with pytest.raises(MelboError, match="unknown demo model 'x'; allowed: default, story"):
+        demo_model(lambda _: None, "x")
+    story = setting_from_options("dct", 8, None, None, None, 2.0, 1.0, None, 300, 0, None, None, 0.5, None,
+                                 task="story")
+    assert story.radius == "0.1x"
