@@ -597,6 +597,16 @@ def _first_hit(rows: list[dict], behavior: str) -> dict | None:
     return next((r for r in rows if r["label"] == f"backdoor:{behavior}"), None)
 
 
+def _around(text: str, phrase: str, n: int = 70) -> str:
+    """``text`` shortened to ``n`` characters so that the first ``phrase`` in it shows."""
+    t = " ".join(text.split())
+    i = t.find(phrase)
+    if i <= 0 or len(t) <= n:
+        return _short(t, n)
+    start = max(0, min(i - 15, len(t) - n))
+    return "…" + _short(t[start + 1:], n - 1)
+
+
 def _short(text: str, n: int = 70) -> str:
     t = " ".join(text.split())
     return (t[: n - 1] + "…") if len(t) > n else t
@@ -635,7 +645,7 @@ def report_markdown(report: dict) -> str:
                 any_hit = True
                 lines.append(f"- {kind} vector {g['vector']} (scale {g['scale']:g}) -> **{b}**, fires on "
                              f"{100 * g['rate']:.0f}% of {len(report['generalization_prompts'])} other clean prompts: "
-                             f"`{_short(hit['completion'], 90)}`")
+                             f"`{_around(hit['completion'], report['phrases'][b], 90)}`")
     if not any_hit:
         lines.append("(none)")
     return "\n".join(lines) + "\n"
@@ -784,7 +794,9 @@ def summary_lines(report: dict, completions: bool = True, width: int = 60, max_l
     n = report["setting"]["num_vectors"]
     out = [f"setting: {report['label']}",
            f"R = {report['radius']:.4g} ({report['radius_over_residual']:.3g} x residual norm), layers "
-           f"{report['source_layer']} -> {report['target_layer']}, prompt {report['train_prompts'][0]!r}",
+           f"{report['source_layer']} -> {report['target_layer']}, "
+           + (f"prompt {report['train_prompts'][0]!r}" if len(report["train_prompts"]) == 1 else
+              f"{len(report['train_prompts'])} prompts, the first {report['train_prompts'][0]!r}"),
            f"unsteered: {_short(report['unsteered'][0]['completion'], width)}  [{report['unsteered'][0]['label']}]",
            f"recall: learned {report['learned']['recall']:.2f}, random {report['random']['recall']:.2f}   "
            f"({report['seconds']['train']:.1f} s training, {report['seconds']['total']:.1f} s in all)",
@@ -801,7 +813,8 @@ def summary_lines(report: dict, completions: bool = True, width: int = 60, max_l
                 for g in found[:max_listed]:
                     hit = _first_hit(report["completions"][kind][g["vector"]], b)
                     out.append(f"  {kind} #{g['vector']} x{g['scale']:g} -> {b} (fires on {100 * g['rate']:.0f}% of "
-                               f"{len(report['generalization_prompts'])} other prompts): {_short(hit['completion'], width)}")
+                               f"{len(report['generalization_prompts'])} other prompts): "
+                               f"{_around(hit['completion'], report['phrases'][b], width)}")
                 if len(found) > max_listed:
                     out.append(f"  ... and {len(found) - max_listed} more {kind} vectors -> {b} (all in bench.md)")
         if not any(report[k]["behaviors"][b]["count"] for k in ("learned", "random") for b in report["phrases"]):

