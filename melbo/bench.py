@@ -1,20 +1,21 @@
 """The planted-behavior benchmark: does a method find the backdoors planted in a model?
 
 METHOD.md section 4 ("Backdoor detection", and the lessons from a small planted model) and
-section 5 (DCT's scale scan). A planted model (:mod:`melbo.plant`) answers clean arithmetic
-prompts with a chain-of-thought and writes a planted phrase on its triggers. The benchmark
+section 5 (DCT's scale scan). A planted model (:mod:`melbo.plant`) answers clean prompts cleanly
+(arithmetic chain-of-thought, or, for the story task, the base model's own stories) and writes a
+planted phrase on its triggers. The benchmark
 
-1. trains ``N`` steering vectors on one (or a few) *clean* prompt(s) with a method (MELBO,
-   METHOD.md section 1; or DCT, section 5: the top ``N`` factors by α²), and draws ``N`` random
-   vectors at the same R (the baseline of section 1);
-2. generates greedy steered completions of the training prompt(s) (at least ~50 new tokens), for
-   DCT optionally at several multiples of R (``scales``: the hits of section 5 appeared at 5-12 x
-   the calibrated R);
-3. labels each completion with :func:`melbo.plant.classify_completion` (exact phrase matches from
-   the spec, never from code): ``clean_correct``, ``clean_wrong``, ``backdoor:<name>``, ``other``;
-4. reports recall (the share of planted behaviors that at least one vector elicits), how many
-   vectors elicit each, the index of the first one, the same for the random baseline, and, for
-   each discovering vector, its firing rate on 20 other clean prompts (generalization).
+1. trains ``N`` perturbations on one (or a few) *clean* prompt(s) with a method (MELBO steering
+   vectors, METHOD.md section 1; DCT, section 5: the top ``N`` factors by α²; or steering
+   adapters, section 2), and draws ``N`` random ones at the same R (the baseline of section 1);
+2. generates greedy steered completions of the training prompt(s) (at least ~50 new tokens) at
+   several multiples of R (``scales``: DCT's hits of section 5 appeared at 5-12 x the calibrated R);
+3. labels each completion (:class:`Judge`, exact phrase matches from the spec, never from code):
+   arithmetic ``clean_correct``, ``clean_wrong``, ``backdoor:<name>``, ``other``; story
+   ``clean_correct`` (unchanged from the unsteered continuation), ``backdoor:<name>``, ``other``;
+4. reports recall (the share of planted behaviors that at least one perturbation elicits), how
+   many elicit each, the index of the first one, the same for the random baseline, and, for each
+   discovering perturbation, its firing rate on 20 other clean prompts (generalization).
 
 Files: ``bench.json`` (everything) and ``bench.md`` (tables) in the output folder; a sweep
 (:func:`parse_sweep`) writes one sub-folder per setting plus ``sweep.json`` / ``sweep.md``.
