@@ -627,9 +627,10 @@ def bench() -> None:
 @click.option("--model", required=True, type=click.Path(), help="A planted model folder (written by melbo plant).")
 @click.option("--spec", "spec_path", type=click.Path(), default=None,
               help="The spec the model was planted with (phrases, triggers). Default: the folder's plant_spec.json.")
-@click.option("--method", type=click.Choice(["melbo", "dct", "adapter"]), default="melbo",
-              help="melbo: N vectors trained one by one (METHOD.md section 1); dct: the top N of a deep causal "
-                   "transcoder's factors by α² (section 5); adapter: N steering adapters (section 2).")
+@click.option("--method", type=click.Choice(["melbo", "dct", "adapter"]), default="dct",
+              help="dct: the top N of a deep causal transcoder's factors by α² (METHOD.md section 5; the best "
+                   "method measured on every planted subject); melbo: N vectors trained one by one (section 1); "
+                   "adapter: N steering adapters (section 2).")
 @click.option("--num-vectors", type=int, default=64, help="Learned vectors N (and as many random ones at the same R).")
 @click.option("--prompt", multiple=True,
               help="Clean training prompt (repeatable): 'a=D+D, b=D+D. What is a*b?' for the arithmetic task, any "
@@ -653,7 +654,8 @@ def bench() -> None:
               help="Measure only what the blocks write (Z(θ) − θ). Default: --keep-residual.")
 @click.option("--scales", default=None,
               help="Multiples of every vector to generate at, like 1,5,8,12, or 'scan' (1,2,4,...,12; METHOD.md "
-                   "section 5 found DCT's hits at 5-12 x R). Default: 1.")
+                   "section 5 found DCT's hits at 5-12 x R). Default: dct 1,1.5,2,2.5,3,4,6; melbo and adapter "
+                   "1,1.5,2,2.5,3.")
 @click.option("--lambda", "lam", type=float, default=0.5, help="λ of --radius auto.")
 @click.option("--factors", type=int, default=None, help="DCT factors m (default min(512, d_model)).")
 @click.option("--orthogonalize", type=click.Choice(["qr", "soft"]), default="qr",
