@@ -96,7 +96,7 @@ def main() -> None:
     dct = setting_from_options("dct", 64, None, src, None, 2.0, 1.0, None, 300, 0, None, None, 0.5, None,
                                task=spec.task)
     found = learn_vectors(lm, train, dct)
-    unit = torch.nn.functional.normalize(found["vectors"], dim=-1)
+    unit = torch.nn.functional.normalize(found["learned"].vectors, dim=-1)
     unit_random = torch.nn.functional.normalize(found["random"].vectors, dim=-1)
     print(f"DCT for comparison: {dct.label()}")
     print(f"{'behavior':<10} {'R':>10} {'CE/token':>9} {'train fires':>12} {'others fire':>12} "

@@ -235,6 +235,16 @@ def adapter_start(index: int, d_hidden: int, d_model: int, rank: int, seed: int,
     return a.float(), b.float()
 
 
+def relative_adapter_radius(aslice: "AdapterSlice", k: float, n: int, rank: int, seed: int) -> float:
+    """R for a relative radius ``"<k>x"`` (METHOD.md section 2 applied with section 1's scale):
+    the R at which the first ``n`` random starts (:func:`adapter_start`) add, on average over
+    the counted positions, ``k ×`` the mean residual norm at the source to the MLP output."""
+    mlp = aslice.mlp
+    a0, b0 = zip(*[adapter_start(i, mlp.d_hidden, mlp.d_model, rank, seed) for i in range(n)])
+    unit = aslice.perturbation_norm(torch.stack(a0), torch.stack(b0), 1.0).mean().item()
+    return k * aslice.mean_norm() / unit
+
+
 def random_adapters(n: int, d_hidden: int, d_model: int, rank: int, seed: int,
                     stream: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` random adapters (the baseline, METHOD.md section 1 applied to adapters):
@@ -710,12 +720,7 @@ def run_adapter_train(spec, rank: int | None = None, mlp_module: str | None = No
     aslice = AdapterSlice(lm, batch_, src, tgt, mlp)
     residual_norm = aslice.mean_norm()
     N = spec.num_vectors
-    if r_relative:
-        a0, b0 = zip(*[adapter_start(k, mlp.d_hidden, mlp.d_model, rank, spec.seed) for k in range(N)])
-        unit = aslice.perturbation_norm(torch.stack(a0), torch.stack(b0), 1.0).mean().item()
-        radius = r_value * residual_norm / unit
-    else:
-        radius = r_value
+    radius = relative_adapter_radius(aslice, r_value, N, rank, spec.seed) if r_relative else r_value
     cfg = AdapterConfig(radius=radius, p=spec.p, q=spec.q, num_vectors=N, steps=spec.steps, lr=spec.lr,
                         seed=spec.seed, rank=rank, batch=batch)
     meta = {

