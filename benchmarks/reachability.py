@@ -25,18 +25,22 @@ import time
 
 import torch
 
-from melbo.bench import Judge, bench_prompts, learn_vectors, load_planted_lm, setting_from_options
-from melbo.generate import GenerationConfig, generate
-from melbo.models import default_layers
-from melbo.objective import Slice
-from melbo.plant import SEPARATOR
-from melbo.prompts import encode_prompts, parse_positions
-from melbo.run import parse_radius
-from melbo.steer import steer
+from melbo.core.generate import GenerationConfig, generate
+from melbo.core.hooks import steer
+from melbo.core.models import default_layers
+from melbo.core.prompts import encode_prompts
+from melbo.core.radius import parse_radius
+from melbo.core.slice import Slice
+from melbo.planted.bench import bench_prompts, learn
+from melbo.planted.bench_config import setting_from_options
+from melbo.planted.fixtures import load_planted_lm
+from melbo.planted.scoring import Judge
+from melbo.planted.task import SEPARATOR
 
 
-def supervised_vector(lm, prompts: list[str], answer: str, layer: int, radius: float, steps: int,
-                      seed: int = 0) -> tuple[torch.Tensor, float]:
+def supervised_vector(
+    lm, prompts: list[str], answer: str, layer: int, radius: float, steps: int, seed: int = 0
+) -> tuple[torch.Tensor, float]:
     """A vector of norm ``radius`` trained to make the model write ``answer`` after ``prompts``.
     Returns ``(vector [d_model], final mean cross-entropy per answer token in nats)``."""
     tok = lm.tokenizer
@@ -51,9 +55,9 @@ def supervised_vector(lm, prompts: list[str], answer: str, layer: int, radius: f
     labels = torch.full((len(rows), width), -100)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (ids, n_prompt) in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
-        mask[i, :len(ids)] = 1
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
+        mask[i, : len(ids)] = 1
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(lm.d_model, generator=g)
     v = (v * radius / v.norm()).requires_grad_(True)
@@ -73,7 +77,9 @@ def supervised_vector(lm, prompts: list[str], answer: str, layer: int, radius: f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="A planted model folder (melbo plant).")
-    ap.add_argument("--radii", default="0.1x,0.25x,0.5x,1x", help="R values: numbers or kx (x the residual norm).")
+    ap.add_argument(
+        "--radii", default="0.1x,0.25x,0.5x,1x", help="R values: numbers or kx (x the median residual norm)."
+    )
     ap.add_argument("--num-prompts", type=int, default=4, help="Clean training prompts.")
     ap.add_argument("--source-layer", type=int, default=None, help="Default: as melbo train.")
     ap.add_argument("--steps", type=int, default=200, help="Adam steps per vector.")
@@ -86,25 +92,28 @@ def main() -> None:
         p.requires_grad_(False)
     train, general = bench_prompts(spec, None, 20, None, args.num_prompts)
     src = default_layers(lm.num_layers)[0] if args.source_layer is None else args.source_layer
-    norm = Slice(lm.model, lm.blocks, encode_prompts(lm.tokenizer, train, parse_positions("all")), src,
-                 min(src + 1, lm.num_layers - 1)).mean_norm()
+    norm = Slice(
+        lm.model, lm.blocks, encode_prompts(lm.tokenizer, train, "all"), src, min(src + 1, lm.num_layers - 1)
+    ).residual_norm()
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
     judge = Judge(lm, spec, gen)
     judge.prepare(train + general)
-    print(f"model {args.model} (spec {spec.name!r}), source layer {src}, residual norm {norm:.3g}, "
-          f"{len(train)} training prompts, {len(general)} other prompts, {args.steps} steps")
-    dct = setting_from_options("dct", 64, None, src, None, 2.0, 1.0, None, 300, 0, None, None, 0.5, None,
-                               task=spec.task)
-    found = learn_vectors(lm, train, dct)
+    print(
+        f"model {args.model} (spec {spec.name!r}), source layer {src}, residual norm {norm:.3g}, "
+        f"{len(train)} training prompts, {len(general)} other prompts, {args.steps} steps"
+    )
+    dct = setting_from_options("dct", spec.task, num_vectors=64, source_layer=src)
+    found = learn(lm, train, dct)
     unit = torch.nn.functional.normalize(found["learned"].vectors, dim=-1)
     unit_random = torch.nn.functional.normalize(found["random"].vectors, dim=-1)
     print(f"DCT for comparison: {dct.label()}")
-    print(f"{'behavior':<10} {'R':>10} {'CE/token':>9} {'train fires':>12} {'others fire':>12} "
-          f"{'max|cos| DCT':>13} {'random':>7} {'s':>5}  sample")
+    print(
+        f"{'behavior':<10} {'R':>10} {'CE/token':>9} {'train fires':>12} {'others fire':>12} "
+        f"{'max|cos| DCT':>13} {'random':>7} {'s':>5}  sample"
+    )
     for b in spec.backdoors:
         for r in args.radii.split(","):
-            value, rel = parse_radius(r)
-            radius = value * norm if rel else value
+            radius = parse_radius(r).resolve(norm)
             t0 = time.perf_counter()
             v, ce = supervised_vector(lm, train, b.answer, src, radius, args.steps)
             fired = []
@@ -116,9 +125,11 @@ def main() -> None:
             u = v / v.norm()
             cos_dct = float((unit @ u).abs().max())
             cos_random = float((unit_random @ u).abs().max())
-            print(f"{b.name:<10} {r + f' ({radius:.3g})':>10} {ce:9.3f} {sum(fired[0]):>5}/{len(train):<6} "
-                  f"{sum(fired[1]):>5}/{len(general):<6} {cos_dct:13.2f} {cos_random:7.2f} "
-                  f"{time.perf_counter() - t0:5.1f}  {sample}")
+            print(
+                f"{b.name:<10} {r + f' ({radius:.3g})':>10} {ce:9.3f} {sum(fired[0]):>5}/{len(train):<6} "
+                f"{sum(fired[1]):>5}/{len(general):<6} {cos_dct:13.2f} {cos_random:7.2f} "
+                f"{time.perf_counter() - t0:5.1f}  {sample}"
+            )
 
 
 if __name__ == "__main__":

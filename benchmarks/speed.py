@@ -12,12 +12,15 @@ import time
 
 import torch
 
-from melbo.cli import DEMO_PROMPT, shared_model
-from melbo.models import default_layers, load_model
-from melbo.objective import Slice, melbo_objective
-from melbo.prompts import encode_prompts
-from melbo.steer import block_output, steer
-from melbo.train import TrainConfig, make_optimizer, random_vectors, train_step
+from melbo.cli.demo import DEMO_PROMPT, shared_model
+from melbo.core.hooks import block_output, steer
+from melbo.core.models import default_layers, load_model
+from melbo.core.prompts import encode_prompts
+from melbo.core.slice import Slice, melbo_objective
+from melbo.core.sphere import random_vectors
+from melbo.methods.melbo import make_optimizer, train_step
+
+RADIUS, P, Q, LR = 1.0, 2.0, 1.0, 1e-3
 
 
 def sync(device):
@@ -25,10 +28,10 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def reference_seconds(lm, batch, src, tgt, steps, cfg) -> float:
+def reference_seconds(lm, batch, src, tgt, steps) -> float:
     """Full model, steering hook, one vector: what the reference notebook does each step."""
-    theta = random_vectors(1, lm.d_model, cfg.radius, 0)[0].to(lm.device).requires_grad_(True)
-    opt = make_optimizer(theta, cfg, lm.d_model)
+    theta = random_vectors(1, lm.d_model, RADIUS, 0)[0].to(lm.device).requires_grad_(True)
+    opt = make_optimizer(theta, LR)
     ids = batch.input_ids.to(lm.device)
     got = {}
     hook = lm.blocks[tgt].register_forward_hook(lambda m, a, o: got.__setitem__("z", block_output(o)))
@@ -42,20 +45,20 @@ def reference_seconds(lm, batch, src, tgt, steps, cfg) -> float:
         opt.zero_grad()
         with steer(lm.blocks, src, theta):
             lm.model(input_ids=ids)
-        (-melbo_objective(got["z"][None], z0, mask, cfg.p, cfg.q).sum()).backward()
+        (-melbo_objective(got["z"][None], z0, mask, P, Q).sum()).backward()
         opt.step()
     sync(lm.device)
     hook.remove()
     return (time.perf_counter() - t0) / steps
 
 
-def fast_seconds(sl, steps, cfg, V) -> float:
-    theta = random_vectors(V, sl.d_model, cfg.radius, 0).to(sl.h_src.device).requires_grad_(True)
-    opt = make_optimizer(theta, cfg, sl.d_model)
+def fast_seconds(sl, steps, V) -> float:
+    theta = random_vectors(V, sl.d_model, RADIUS, 0).to(sl.h_src.device).requires_grad_(True)
+    opt = make_optimizer(theta, LR)
     sync(sl.h_src.device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        train_step(sl, theta, opt, cfg, None)
+        train_step(sl, theta, opt, RADIUS, P, Q, None)
     sync(sl.h_src.device)
     return (time.perf_counter() - t0) / steps
 
@@ -74,17 +77,20 @@ def main() -> None:
     lm = load_model(path, device=args.device, dtype=args.dtype)
     src, tgt = default_layers(lm.num_layers)
     batch = encode_prompts(lm.tokenizer, [DEMO_PROMPT], "all")
-    cfg = TrainConfig(radius=1.0)
     sl = Slice(lm.model, lm.blocks, batch, src, tgt)
-    print(f"{path}: {lm.num_layers} blocks, d_model {lm.d_model}, src {src} -> tgt {tgt}, "
-          f"{batch.input_ids.shape[1]} tokens, {lm.device}, {next(lm.model.parameters()).dtype}, "
-          f"{args.threads} thread(s)")
-    ref = reference_seconds(lm, batch, src, tgt, args.steps, cfg)
+    print(
+        f"{path}: {lm.num_layers} blocks, d_model {lm.d_model}, src {src} -> tgt {tgt}, "
+        f"{batch.input_ids.shape[1]} tokens, {lm.device}, {next(lm.model.parameters()).dtype}, "
+        f"{args.threads} thread(s)"
+    )
+    ref = reference_seconds(lm, batch, src, tgt, args.steps)
     print(f"reference (full model, 1 vector): {ref * 1000:.2f} ms per step per vector")
     for V in (int(v) for v in args.vectors.split(",")):
-        s = fast_seconds(sl, args.steps, cfg, V)
-        print(f"melbo (blocks {src + 1}..{tgt}, {V} vectors at once): {s * 1000:.2f} ms per step, "
-              f"{s / V * 1000:.3f} ms per step per vector ({ref / (s / V):.1f}x)")
+        s = fast_seconds(sl, args.steps, V)
+        print(
+            f"melbo (blocks {src + 1}..{tgt}, {V} vectors at once): {s * 1000:.2f} ms per step, "
+            f"{s / V * 1000:.3f} ms per step per vector ({ref / (s / V):.1f}x)"
+        )
 
 
 if __name__ == "__main__":

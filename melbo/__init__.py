@@ -1,10 +1,51 @@
 """melbo: unsupervised steering of language models.
 
-MELBO steering vectors and adapters, MELBO-ortho and deep causal transcoding
-(see ``METHOD.md`` in the project's spec). The package is flat: one module per idea.
+Give it a model and a prompt, with no labels; it finds perturbations of the model's internals
+(steering vectors, adapters) that switch it into different latent behaviors, beside a random
+baseline at the same radius: MELBO steering vectors and adapters, MELBO-ortho and deep causal
+transcoding (METHOD.md sections 1-5).
+
+Example:
+    >>> import melbo                                                        # doctest: +SKIP
+    >>> lm = melbo.load_model("google/gemma-3-270m")                        # doctest: +SKIP
+    >>> bank = melbo.train(lm, "Q: What is 17 times 3?\\nA:", num_vectors=8)  # doctest: +SKIP
+    >>> bank.generate("Q: What is 17 times 3?\\nA:", vectors=[0, 1])         # doctest: +SKIP
+    >>> with (bank[0] - 0.5 * bank[1]).apply(lm):                            # doctest: +SKIP
+    ...     ...
+
+Layout: :mod:`melbo.core` (models, hooks, prompts, the truncated pass, the sphere, validation,
+files), :mod:`melbo.methods` (one module per method), :mod:`melbo.run` (the orchestrator),
+:mod:`melbo.bank` and :mod:`melbo.vector` (what a run returns), :mod:`melbo.report`,
+:mod:`melbo.planted` (the planted-behavior benchmark), :mod:`melbo.cli`.
 """
 
-from melbo.errors import MelboError
+from melbo._version import __version__
+from melbo.api import calibrate, ortho
+from melbo.bank import Bank
+from melbo.core.errors import MelboError
+from melbo.core.generate import GenerationConfig
+from melbo.core.models import LoadedModel, load_model, wrap_model
+from melbo.defaults import DEFAULTS
+from melbo.methods.calibrate import Calibration, CalibrationError
+from melbo.methods.registry import METHODS
+from melbo.run import train
+from melbo.vector import SteeringAdapter, SteeringVector
 
-__version__ = "0.1.0"
-__all__ = ["MelboError", "__version__"]
+__all__ = [
+    "DEFAULTS",
+    "METHODS",
+    "Bank",
+    "Calibration",
+    "CalibrationError",
+    "GenerationConfig",
+    "LoadedModel",
+    "MelboError",
+    "SteeringAdapter",
+    "SteeringVector",
+    "__version__",
+    "calibrate",
+    "load_model",
+    "ortho",
+    "train",
+    "wrap_model",
+]

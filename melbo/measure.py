@@ -15,17 +15,22 @@ same is computed against the unsteered model (``P_unsteered`` in place of ``P_re
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from melbo.errors import MelboError
-from melbo.models import LoadedModel
-from melbo.prompts import encode_prompts
-from melbo.steer import steer
-from melbo.train import to_sphere
+from melbo.core.errors import MelboError
+from melbo.core.hooks import steer
+from melbo.core.models import LoadedModel
+from melbo.core.prompts import encode_prompts
+from melbo.core.sphere import to_sphere
+from melbo.core.validate import check_int, check_positive
+
+Perturb = Callable[[list[int]], AbstractContextManager]
+"""``perturb(rows)``: a context manager under which batch row ``j`` carries perturbation ``rows[j]``."""
 
 DIRECTIONS = ("k||ref", "ref||k")
 
@@ -42,8 +47,10 @@ def kl_label(direction: str = "k||ref", ref: str = "ref") -> str:
 
 def check_direction(direction: str) -> str:
     if direction not in DIRECTIONS:
-        raise MelboError(f"unknown KL direction {direction!r}; allowed: {', '.join(DIRECTIONS)} "
-                         f"(k||ref is KL(P_k ‖ P_ref), the MELBO-ortho reference's choice)")
+        raise MelboError(
+            f"unknown KL direction {direction!r}; allowed: {', '.join(DIRECTIONS)} "
+            f"(k||ref is KL(P_k ‖ P_ref), the MELBO-ortho reference's choice)"
+        )
     return direction
 
 
@@ -75,8 +82,6 @@ def rescale_vectors(vectors: torch.Tensor, norm: float) -> torch.Tensor:
     Raises:
         MelboError: ``norm`` is not > 0, or a row is zero.
     """
-    from melbo.train import check_positive
-
     check_positive("rescale norm", norm)
     return to_sphere(vectors.float(), float(norm))
 
@@ -92,7 +97,9 @@ def mean_vector(vectors: torch.Tensor, indices: list[int]) -> torch.Tensor:
         raise MelboError("--mean needs at least one vector index, like 3,5,8")
     for i in indices:
         if not 0 <= i < len(vectors):
-            raise MelboError(f"vector index {i} is outside the bank, which has {len(vectors)} vectors (0..{len(vectors) - 1})")
+            raise MelboError(
+                f"vector index {i} is outside the bank, which has {len(vectors)} vectors (0..{len(vectors) - 1})"
+            )
     return vectors[list(indices)].float().mean(0)
 
 
@@ -123,52 +130,70 @@ def moving_average(values, window: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- steered next-token distributions
 
-def logprob_chunks(lm: LoadedModel, prompts: list[str], vectors: torch.Tensor, layer: int, scale: float = 1.0,
-                   chat: bool = False, batch_size: int = 64) -> Iterator[tuple[int, torch.Tensor]]:
-    """Next-token log-probabilities at the last position of each prompt, steered by each vector,
-    in chunks: yields ``(first_index, logp [Vc, n, vocab])`` float32.
 
-    Each chunk is one forward per prompt over ``Vc <= batch_size`` rows, each row carrying its
-    own vector (per-row steering, :func:`melbo.steer.steer`); only the last position's logits
-    are computed. A zero vector row is the unsteered model.
+def vector_perturb(lm: LoadedModel, vectors: torch.Tensor, layer: int, scale: float = 1.0) -> Perturb:
+    """The :data:`Perturb` of steering vectors ``[V, d_model]`` added after block ``layer``.
 
     Raises:
-        MelboError: vectors not ``[V, d_model]``, bad prompts or batch size.
+        MelboError: vectors not ``[V, d_model]``.
     """
     d = lm.d_model
     if vectors.dim() != 2 or vectors.shape[1] != d:
         raise MelboError(f"vectors must be [V, {d}], got {tuple(vectors.shape)}")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise MelboError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    vecs = vectors.detach().float()
+    return lambda rows: steer(lm.blocks, layer, vecs[rows].to(lm.device), scale)
+
+
+def logprob_chunks(
+    lm: LoadedModel, prompts: list[str], count: int, perturb: Perturb, chat: bool = False, batch_size: int = 64
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Next-token log-probabilities at the last position of each prompt under each of ``count``
+    perturbations, in chunks: yields ``(first_index, logp [Vc, n, vocab])`` float32.
+
+    Each chunk is one forward per prompt over ``Vc <= batch_size`` rows, row ``j`` perturbed by
+    perturbation ``first_index + j``; only the last position's logits are computed.
+
+    Raises:
+        MelboError: bad prompts or batch size.
+    """
+    batch_size = check_int("batch size", batch_size, 1)
     batch = encode_prompts(lm.tokenizer, prompts, "all", chat)
     lengths = batch.attention_mask.sum(1).tolist()
     dev = lm.device
-    vecs = vectors.detach().float()
-    for s in range(0, len(vecs), batch_size):
-        chunk = vecs[s:s + batch_size].to(dev)
+    for s in range(0, count, batch_size):
+        rows = list(range(s, min(count, s + batch_size)))
         out = []
         for i, T in enumerate(lengths):
-            ids = batch.input_ids[i:i + 1, :T].to(dev).expand(len(chunk), T)
-            with torch.no_grad(), steer(lm.blocks, layer, chunk, scale):
-                logits = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
-                                  logits_to_keep=1).logits[:, -1]
+            ids = batch.input_ids[i : i + 1, :T].to(dev).expand(len(rows), T)
+            with torch.no_grad(), perturb(rows):
+                logits = lm.model(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, logits_to_keep=1
+                ).logits[:, -1]
             out.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         yield s, torch.stack(out, dim=1)
 
 
-def last_token_logprobs(lm: LoadedModel, prompts: list[str], vectors: torch.Tensor, layer: int,
-                        scale: float = 1.0, chat: bool = False, batch_size: int = 64) -> torch.Tensor:
-    """``[V, n, vocab]`` float32 log-probabilities (see :func:`logprob_chunks`); for few vectors."""
-    return torch.cat([lp for _, lp in logprob_chunks(lm, prompts, vectors, layer, scale, chat, batch_size)])
+def last_token_logprobs(
+    lm: LoadedModel,
+    prompts: list[str],
+    vectors: torch.Tensor,
+    layer: int,
+    scale: float = 1.0,
+    chat: bool = False,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """``[V, n, vocab]`` float32 log-probabilities under steering vectors (see :func:`logprob_chunks`)."""
+    perturb = vector_perturb(lm, vectors, layer, scale)
+    return torch.cat([lp for _, lp in logprob_chunks(lm, prompts, len(vectors), perturb, chat, batch_size)])
 
 
 @dataclass
 class KLCurves:
-    """KL divergences of every vector's next-token distribution (last prompt position).
+    """KL divergences of every perturbation's next-token distribution (last prompt position).
 
     Attributes:
-        to_reference: ``[V]`` mean over prompts of the KL against the reference vector (None
-            without a reference); per_prompt_reference ``[V, n]``.
+        to_reference: ``[V]`` mean over prompts of the KL against the reference perturbation
+            (None without one); per_prompt_reference ``[V, n]``.
         to_unsteered: ``[V]`` mean over prompts of the KL against the unsteered model;
             per_prompt_unsteered ``[V, n]``.
         direction: ``"k||ref"`` (KL(P_k ‖ P_ref)) or ``"ref||k"``, see the module docstring.
@@ -181,45 +206,81 @@ class KLCurves:
     direction: str
 
 
-def kl_curves(lm: LoadedModel, prompts: list[str], vectors: torch.Tensor, layer: int,
-              reference: torch.Tensor | None = None, scale: float = 1.0, chat: bool = False,
-              batch_size: int = 64, direction: str = "k||ref") -> KLCurves:
-    """KL divergence of the next-token distribution at the last prompt position, steered by each
-    vector, against steered by ``reference`` and against unsteered (METHOD.md section 3).
+def kl_of(
+    lm: LoadedModel,
+    prompts: list[str],
+    count: int,
+    perturb: Perturb,
+    reference: int | None = None,
+    chat: bool = False,
+    batch_size: int = 64,
+    direction: str = "k||ref",
+) -> KLCurves:
+    """KL divergence (nats) of the next-token distribution at the last prompt position under each
+    of ``count`` perturbations, against perturbation ``reference`` and against the unsteered
+    model (METHOD.md section 3).
 
-    Args:
-        lm: the model; prompts: ``n`` prompts; vectors: ``[V, d_model]``; layer: the block after
-            which vectors are added; reference: ``[d_model]`` or None; scale: multiplier of every
-            vector (the reference included); chat: use the chat template.
-        batch_size: vectors per forward (each forward covers one prompt).
-        direction: ``"k||ref"`` gives ``KL(P_k ‖ P_ref)``, ``"ref||k"`` gives ``KL(P_ref ‖ P_k)``.
-
-    Returns:
-        :class:`KLCurves` (nats).
+    Raises:
+        MelboError: an unknown direction, a reference outside ``0..count-1``.
     """
     check_direction(direction)
-    d = lm.d_model
-    extra = [torch.zeros(1, d)] + ([reference.detach().float().reshape(1, d)] if reference is not None else [])
-    fixed = last_token_logprobs(lm, prompts, torch.cat(extra), layer, scale, chat)  # [1 or 2, n, vocab]
-    base = fixed[0]
-    ref = fixed[1] if reference is not None else None
+    if reference is not None and not 0 <= reference < count:
+        raise MelboError(f"reference {reference} is outside the {count} perturbations (0..{count - 1})")
+    base = next(logprob_chunks(lm, prompts, 1, lambda rows: nullcontext(), chat))[1][0]
+    ref = (
+        next(logprob_chunks(lm, prompts, 1, lambda rows: perturb([reference]), chat))[1][0]
+        if reference is not None
+        else None
+    )
     to_u, to_r = [], []
-    for _, lp in logprob_chunks(lm, prompts, vectors, layer, scale, chat, batch_size):
-        if direction == "k||ref":
-            to_u.append(kl_divergence(lp, base[None]))
-            if ref is not None:
-                to_r.append(kl_divergence(lp, ref[None]))
-        else:
-            to_u.append(kl_divergence(base[None], lp))
-            if ref is not None:
-                to_r.append(kl_divergence(ref[None], lp))
+    for _, lp in logprob_chunks(lm, prompts, count, perturb, chat, batch_size):
+        pair = (lp, base[None]) if direction == "k||ref" else (base[None], lp)
+        to_u.append(kl_divergence(*pair))
+        if ref is not None:
+            to_r.append(kl_divergence(lp, ref[None]) if direction == "k||ref" else kl_divergence(ref[None], lp))
     pu = torch.cat(to_u) if to_u else torch.zeros(0, len(prompts))
     pr = (torch.cat(to_r) if to_r else torch.zeros(0, len(prompts))) if ref is not None else None
     return KLCurves(pr.mean(1) if pr is not None else None, pu.mean(1), pr, pu, direction)
 
 
-def vector_variants(vectors: torch.Tensor, indices: list[int], mean: list[int] | None = None,
-                    rescale: float | None = None, kind: str = "vector") -> tuple[torch.Tensor, list[str]]:
+def kl_curves(
+    lm: LoadedModel,
+    prompts: list[str],
+    vectors: torch.Tensor,
+    layer: int,
+    reference: torch.Tensor | None = None,
+    scale: float = 1.0,
+    chat: bool = False,
+    batch_size: int = 64,
+    direction: str = "k||ref",
+) -> KLCurves:
+    """:func:`kl_of` for steering vectors ``[V, d_model]`` added after block ``layer`` at
+    ``scale``, with an explicit ``reference`` vector ``[d_model]`` (or None)."""
+    rows = vectors if reference is None else torch.cat([vectors, reference.detach().float().reshape(1, -1)])
+    perturb = vector_perturb(lm, rows, layer, scale)
+    out = kl_of(
+        lm, prompts, len(rows), perturb, None if reference is None else len(vectors), chat, batch_size, direction
+    )
+    if reference is None:
+        return out
+    cut = len(vectors)
+    assert out.to_reference is not None and out.per_prompt_reference is not None
+    return KLCurves(
+        out.to_reference[:cut],
+        out.to_unsteered[:cut],
+        out.per_prompt_reference[:cut],
+        out.per_prompt_unsteered[:cut],
+        direction,
+    )
+
+
+def vector_variants(
+    vectors: torch.Tensor,
+    indices: list[int],
+    mean: list[int] | None = None,
+    rescale: float | None = None,
+    kind: str = "vector",
+) -> tuple[torch.Tensor, list[str]]:
     """The rows to apply for ``melbo generate``: the chosen vectors, then (``mean``) the mean of
     the vectors ``mean``, then (``rescale``) a copy of each of those rescaled to norm ``rescale``,
     so that one command shows METHOD.md section 3's claims side by side.

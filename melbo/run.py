@@ -1,254 +1,249 @@
-"""A whole MELBO run: train vectors, the random baseline beside them, completions, files.
+"""The one orchestrator: :func:`train` runs any method and returns a :class:`melbo.bank.Bank`.
 
-A run folder holds ``bank.safetensors`` (learned vectors, random baseline, metadata; saved after
-every vector), ``completions.jsonl`` (one line per vector x prompt: unsteered, learned, random)
-and ``summary.md``. ``resume=True`` continues a stopped run without redoing finished vectors.
-All input is checked before anything is written.
+It owns what every method shares (METHOD.md sections 1 and 4):
+
+1. validation of the method's settings, the prompts and the run folder, before any work;
+2. the model, the layers (:func:`melbo.core.models.default_layers`), the encoded prompts, the
+   radius sweep for ``radius="auto"`` (:mod:`melbo.methods.radius_sweep`);
+3. the method's fit, saved after every finished vector/adapter batch so that ``resume=True``
+   continues a stopped run without redoing anything;
+4. the random baseline at the same R and its objective;
+5. with a run folder: ``bank.safetensors`` (plus PEFT folders for adapters),
+   ``completions.jsonl``, ``summary.json`` and ``summary.md`` (and for MELBO-ortho the KL and
+   norm measures).
+
+Example:
+    >>> import melbo                                                              # doctest: +SKIP
+    >>> lm = melbo.load_model("../shared/models/stories260k")                     # doctest: +SKIP
+    >>> bank = melbo.train(lm, ["Once upon a time"], num_vectors=4, radius="0.2x")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import difflib
-import json
+import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
+from melbo.bank import BANK_FILE, Bank
+from melbo.core.errors import MelboError
+from melbo.core.generate import GenerationConfig
+from melbo.core.io import remove_stale_temps
+from melbo.core.models import LoadedModel, check_layers, default_layers, load_model
+from melbo.core.prompts import check_prompts, encode_prompts
+from melbo.core.radius import parse_radius
+from melbo.methods.base import Context, Fit, make_settings
+from melbo.methods.radius_sweep import sweep_radius, write_sweep
+from melbo.methods.registry import METHODS, get_method
+from melbo.report.completions import evaluate_bank
+from melbo.report.measures import write_measures
+from melbo.report.summary import write_summary
 
-from melbo.bank import Bank, atomic_write, check_bank, load_bank, model_meta, save_bank
-from melbo.errors import MelboError
-from melbo.generate import GenerationConfig, generate
-from melbo.models import LoadedModel, check_layers, default_layers, load_model
-from melbo.objective import Slice, melbo_objective
-from melbo.prompts import check_prompts, encode_prompts, parse_positions
-from melbo.train import TrainConfig, check_positive, random_vectors, train_vectors
+__all__ = ["METHODS", "RunFolder", "get_method", "train"]
 
-BANK, COMPLETIONS, SUMMARY = "bank.safetensors", "completions.jsonl", "summary.md"
+_NOT_COMPARED = {"num_vectors", "base"}
 
 
-def parse_radius(text: str | float) -> tuple[float, bool]:
-    """``"4"`` -> (4.0, absolute); ``"0.5x"`` -> (0.5, relative to the mean ‖h_src‖).
+class RunFolder:
+    """A run's output folder: checked before work starts, written atomically after each checkpoint.
 
     Raises:
-        MelboError: not a number > 0, with or without a trailing ``x``.
-    """
-    s = str(text).strip().lower()
-    relative = s.endswith("x")
-    try:
-        value = float(s[:-1] if relative else s)
-    except ValueError:
-        raise MelboError(
-            f"bad radius {text!r}; allowed: a number > 0 (residual-stream units) or a multiple of the "
-            f"mean residual norm at the source layer like 0.5x"
-        ) from None
-    check_positive("radius R", value)
-    return value, relative
-
-
-@dataclass
-class RunSpec:
-    """Everything a ``melbo train`` run needs (CLI flags map one to one).
-
-    ``source_layer``/``target_layer`` None take :func:`melbo.models.default_layers`;
-    ``radius`` is a number or ``"<k>x"`` (k times the mean residual norm at the source layer).
+        MelboError: ``out`` is a file; a new run into a folder that already holds a bank; ``resume``
+            without a bank to continue.
     """
 
-    model: str
-    prompts: list[str]
-    out: str
-    radius: str = "0.2x"
-    source_layer: int | None = None
-    target_layer: int | None = None
-    p: float = 2.0
-    q: float = 1.0
-    positions: str = "all"
-    num_vectors: int = 16
-    steps: int = 300
-    lr: float | None = None
-    seed: int = 0
-    heldout: list[str] = field(default_factory=list)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    resume: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    blocks_path: str | None = None
-    show_progress: bool = True
-    method: str = "melbo"
-    writes_only: bool = False
-    calibration_lambda: float = 0.5
-    dct_options: dict = field(default_factory=dict)
-
-
-def _check_out(out: Path, resume: bool) -> None:
-    if resume:
-        if not (out / BANK).is_file():
-            raise MelboError(f"--resume: no {BANK} in {str(out)!r} to continue; drop --resume to start a new run")
-    elif (out / BANK).exists():
-        raise MelboError(f"{str(out)!r} already holds a run; pass --resume to continue it, or choose another --out")
-    elif out.exists() and not out.is_dir():
-        raise MelboError(f"--out {str(out)!r} is a file, not a folder")
-
-
-def _check_resume(bank: Bank, meta: dict) -> None:
-    keys = ("source_layer", "target_layer", "radius", "p", "q", "positions", "prompts", "steps", "lr", "seed", "chat")
-    for k in keys:
-        if bank.meta.get(k) != meta.get(k):
+    def __init__(self, out: str | os.PathLike, resume: bool):
+        self.path = Path(out)
+        if self.path.exists() and not self.path.is_dir():
+            raise MelboError(f"--out {str(self.path)!r} is a file, not a folder")
+        bank = self.path / BANK_FILE
+        if resume and not bank.is_file():
             raise MelboError(
-                f"--resume: the run in the bank has {k}={bank.meta.get(k)!r}, this command asks for "
-                f"{meta.get(k)!r}; resume with the same settings (only --num-vectors may grow)"
+                f"--resume: no {BANK_FILE} in {str(self.path)!r} to continue; drop --resume to start a new run"
             )
+        if not resume and bank.exists():
+            raise MelboError(
+                f"{str(self.path)!r} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        self.resume = resume
+        self.created = not self.path.exists()
+
+    def prior(self) -> Bank | None:
+        """The bank of the run to continue (stale temporary files from a killed run are removed)."""
+        if not self.resume:
+            return None
+        remove_stale_temps(self.path)
+        return Bank.load(self.path)
+
+    def save(self, bank: Bank) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        bank.save(self.path)
 
 
-def similarity(a: str, b: str) -> float:
-    """Character similarity in [0, 1] of two completions (difflib ratio; 1 = identical)."""
-    return difflib.SequenceMatcher(None, a, b).ratio()
+def _check_resume(prior: Bank, same: dict, method: Any) -> Fit:
+    """The fit to continue from ``prior``, after checking that the settings ``same`` match."""
+    if not method.resumable:
+        raise MelboError(f"--resume: method {method.name!r} runs as one fit; start a new run in another --out")
+    for key, value in same.items():
+        if prior.meta.get(key) != value:
+            raise MelboError(
+                f"--resume: the run in the bank has {key}={prior.meta.get(key)!r}, this command asks for "
+                f"{value!r}; resume with the same settings (only the number of vectors may grow)"
+            )
+    names = [k for k in prior.tensors if not k.startswith("random_")]
+    return Fit({k: prior.tensors[k] for k in names}, [dict(r) for r in prior.meta.get("vectors", [])])
 
 
-def run_train(spec: RunSpec, lm: LoadedModel | None = None) -> dict:
-    """Run MELBO end to end and write the run folder. Returns the summary as a dict.
-
-    ``spec.method == "dct"`` runs deep causal transcoding instead (:func:`melbo.dct.run_dct`, same
-    folder and bank format); ``spec.radius == "auto"`` calibrates R (METHOD.md section 5);
-    ``spec.writes_only`` measures only what the blocks write (``Z(θ) − θ``).
-
-    Raises:
-        MelboError: any bad input (checked before anything is written).
-    """
-    from melbo.dct import auto_radius, is_auto, run_dct
-
-    if spec.method == "dct":
-        return run_dct(spec, lm)
-    if spec.method != "melbo":
-        raise MelboError(f"unknown method {spec.method!r}; allowed: melbo, dct")
-    check_prompts(spec.prompts)
-    for p in spec.heldout:
-        check_prompts([p])
-    positions = parse_positions(spec.positions)
-    auto = is_auto(spec.radius)
-    r_value, r_relative = (1.0, False) if auto else parse_radius(spec.radius)
-    check_positive("calibration ratio λ", spec.calibration_lambda)
-    TrainConfig(radius=1.0, p=spec.p, q=spec.q, num_vectors=spec.num_vectors, steps=spec.steps, lr=spec.lr)
-    out = Path(spec.out)
-    _check_out(out, spec.resume)
-
-    lm = lm or load_model(spec.model, spec.device, spec.dtype, spec.blocks_path)
-    L = lm.num_layers
-    d_src, d_tgt = default_layers(L)
-    src, tgt = check_layers(d_src if spec.source_layer is None else spec.source_layer,
-                            d_tgt if spec.target_layer is None else spec.target_layer, L)
-    batch = encode_prompts(lm.tokenizer, spec.prompts, positions, spec.generation.chat)
-    slice_ = Slice(lm.model, lm.blocks, batch, src, tgt, writes_only=spec.writes_only)
-    residual_norm = slice_.mean_norm()
-    radius = r_value * residual_norm if r_relative else r_value
-    calibration = auto_radius(lm, batch, src, tgt, spec.writes_only, spec.calibration_lambda, spec.seed) if auto else None
-    radius = calibration.radius if calibration else radius
-    cfg = TrainConfig(radius=radius, p=spec.p, q=spec.q, num_vectors=spec.num_vectors, steps=spec.steps,
-                      lr=spec.lr, seed=spec.seed)
-    meta = {
-        **model_meta(lm), "method": "melbo", "kind": "vector",
-        "source_layer": src, "target_layer": tgt, "radius": radius, "radius_spec": str(spec.radius),
-        "residual_norm": residual_norm, "p": spec.p, "q": spec.q, "positions": str(positions),
-        "prompts": list(spec.prompts), "chat": spec.generation.chat, "steps": spec.steps,
-        "lr": cfg.learning_rate(lm.d_model), "lr_spec": spec.lr, "betas": list(cfg.betas),
-        "weight_decay": cfg.weight_decay, "seed": spec.seed, "vectors": [],
-        "writes_only": spec.writes_only, "calibration": calibration.to_dict() if calibration else None,
-    }
-    done = None
-    if spec.resume:
-        old = load_bank(out / BANK)
-        check_bank(old, lm)
-        _check_resume(old, meta)
-        done = old.vectors
-        meta["vectors"] = old.meta.get("vectors", [])[: len(done)]
-        starts = old.extra.get("start_vectors", torch.zeros(0, lm.d_model))[: len(done)]
-    else:
-        starts = torch.zeros(0, lm.d_model)
-
-    out.mkdir(parents=True, exist_ok=True)
-    rand = random_vectors(spec.num_vectors, lm.d_model, radius, spec.seed)
-    state = {"vectors": done if done is not None else torch.zeros(0, lm.d_model), "starts": starts}
-
-    def save(k, res):
-        state["vectors"] = torch.cat([state["vectors"], res.vector[None]])
-        state["starts"] = torch.cat([state["starts"], res.start[None]])
-        meta["vectors"].append({"index": k, "objective": res.objective, "start_objective": res.start_objective,
-                                "cosine_start_end": res.cosine_start_end, "seconds": res.seconds})
-        save_bank(out / BANK, Bank(state["vectors"], meta,
-                                   {"random_vectors": rand[: len(state["vectors"])], "start_vectors": state["starts"]}))
-
-    t0 = time.perf_counter()
-    new = train_vectors(slice_, cfg, done, on_vector=save, show_progress=spec.show_progress)
-    train_seconds = time.perf_counter() - t0
-    vectors = state["vectors"]
-    with torch.no_grad():
-        rand_obj = melbo_objective(slice_(rand.to(slice_.h_src.device)), slice_.z0, slice_.mask, spec.p, spec.q)
-    meta["random_objectives"] = rand_obj.cpu().tolist()
-    meta["train_seconds_this_session"] = train_seconds
-    meta["steps_this_session"] = len(new) * spec.steps
-    save_bank(out / BANK, Bank(vectors, meta, {"random_vectors": rand, "start_vectors": state["starts"]}))
-
-    summary = evaluate_run(lm, out, vectors, rand, meta, spec.heldout, spec.generation)
-    summary["seconds_per_step"] = train_seconds / max(1, len(new) * spec.steps) if new else None
-    summary["seconds_per_vector"] = train_seconds / len(new) if new else None
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    from melbo.report import write_summary_md
-
-    write_summary_md(out / SUMMARY, meta, summary)
-    return summary
-
-
-def write_completions(out: Path, prompts: list[str], split: list[str], base: list[str], learned: list[list[str]],
-                      random_: list[list[str]], learned_obj: list[float], random_obj: list[float]) -> dict:
-    """Write ``completions.jsonl`` (unsteered, then every learned and random perturbation on every
-    prompt, with whether the completion changed) and compare learned against random.
+def train(
+    lm: LoadedModel | str,
+    prompts: list[str] | str,
+    method: str = "melbo",
+    *,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    heldout: list[str] | tuple[str, ...] = (),
+    generation: GenerationConfig | None = None,
+    evaluate: bool | None = None,
+    show_progress: bool = True,
+    **settings: Any,
+) -> Bank:
+    """Find perturbations of ``lm`` that change its behavior on ``prompts``, with no labels.
 
     Args:
-        prompts, split: the prompts and their split (``"train"`` or ``"heldout"``).
-        base: unsteered completion of each prompt; ``learned[v][i]``/``random_[v][i]``: steered ones.
-        learned_obj, random_obj: objective of each perturbation.
+        lm: a :class:`melbo.core.models.LoadedModel` (:func:`melbo.load_model`) or a Hub id,
+            folder or ``.gguf`` file to load.
+        prompts: the training prompt(s).
+        method: ``melbo`` (steering vectors, METHOD.md section 1), ``dct`` (deep causal
+            transcoding, section 5), ``adapter`` (steering adapters, section 2) or ``ortho``
+            (MELBO-ortho from ``base=bank[k]``, section 3).
+        out: a run folder to write (None: nothing is written).
+        resume: continue the run in ``out`` (same settings; ``num_vectors`` may grow).
+        heldout: prompts to generate on but not train on.
+        generation: how completions are generated (greedy, 64 new tokens by default).
+        evaluate: generate completions and the summary (default: when ``out`` is given).
+        settings: the method's settings; defaults and their reasons are in
+            :data:`melbo.defaults.DEFAULTS` (e.g. ``radius="0.2x"``, ``num_vectors=16``,
+            ``source_layer=4``, ``steps=300``, ``positions="last:3"``).
 
     Returns:
-        ``{"learned": stats, "random": stats}``; stats give ``n``, ``changed_train`` (perturbations
-        that change the greedy completion of at least one training prompt), ``mean_objective`` and
-        ``mean_similarity_train`` (character similarity to unsteered, 1 = identical).
+        the :class:`melbo.bank.Bank` of learned perturbations with its random baseline, attached
+        to the model; ``bank.evaluation`` holds the comparison when completions were generated.
+
+    Raises:
+        MelboError: any bad input, checked before anything is written (unknown setting or
+            method, bad value, empty prompt, layers out of range, an existing run without
+            ``resume``, ...); ``CalibrationError`` when a calibrated R has no root.
+
+    Example:
+        >>> bank = melbo.train(lm, "Once upon a time", radius="0.2x", num_vectors=8)   # doctest: +SKIP
+        >>> print(bank.generate("Once upon a time", vectors=[0, 1])["vector 0"][0])     # doctest: +SKIP
     """
-    rows = [{"kind": "unsteered", "vector": None, "split": split[i], "prompt": p, "completion": base[i]}
-            for i, p in enumerate(prompts)]
-    for kind, group in (("learned", learned), ("random", random_)):
-        for v, comp in enumerate(group):
-            for i, p in enumerate(prompts):
-                rows.append({"kind": kind, "vector": v, "split": split[i], "prompt": p, "completion": comp[i],
-                             "changed": comp[i] != base[i], "similarity": round(similarity(comp[i], base[i]), 4)})
-    atomic_write(out / COMPLETIONS, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
-    train = [i for i, s in enumerate(split) if s == "train"]
+    cls = get_method(method)
+    s = make_settings(method, cls.settings_class, settings)
+    prompts = check_prompts([prompts] if isinstance(prompts, str) else list(prompts))
+    heldout = [heldout] if isinstance(heldout, str) else list(heldout)
+    for p in heldout:
+        check_prompts([p])
+    gen = generation or GenerationConfig(chat=s.chat, seed=s.seed)
+    evaluate = out is not None if evaluate is None else evaluate
+    run = RunFolder(out, resume) if out is not None else None
+    if resume and run is None:
+        raise MelboError("resume=True needs the run folder (out) to continue")
 
-    def stats(group, objectives):
-        changed = [any(c[i] != base[i] for i in train) for c in group]
-        sims = [similarity(c[i], base[i]) for c in group for i in train]
-        return {"n": len(group), "changed_train": int(sum(changed)),
-                "mean_objective": float(sum(objectives) / max(1, len(objectives))),
-                "mean_similarity_train": float(sum(sims) / max(1, len(sims)))}
-
-    return {"learned": stats(learned, learned_obj), "random": stats(random_, random_obj)}
-
-
-def evaluate_run(lm: LoadedModel, out: Path, vectors: torch.Tensor, rand: torch.Tensor, meta: dict,
-                 heldout: list[str], gen: GenerationConfig) -> dict:
-    """Generate completions (unsteered, learned, random; training and held-out prompts), write
-    ``completions.jsonl`` and return the comparison of learned against random vectors."""
-    src = meta["source_layer"]
-    prompts = meta["prompts"] + list(heldout)
-    split = ["train"] * len(meta["prompts"]) + ["heldout"] * len(heldout)
-    zero = torch.zeros(1, vectors.shape[1])
-    comps = generate(lm, prompts, torch.cat([zero, vectors, rand]), src, 1.0, gen)
-    base, learned, random_ = comps[0], comps[1:1 + len(vectors)], comps[1 + len(vectors):]
-    stats = write_completions(out, prompts, split, base, learned, random_, [v["objective"] for v in meta["vectors"]],
-                              meta["random_objectives"])
-    return {
-        "out": str(out), "model": meta["model"], "radius": meta["radius"], "residual_norm": meta["residual_norm"],
-        "source_layer": src, "target_layer": meta["target_layer"], **stats,
-        "mean_cosine_start_end": float(sum(v["cosine_start_end"] for v in meta["vectors"]) / max(1, len(meta["vectors"]))),
-        "unsteered": base[:len(meta["prompts"])], "completions": {"learned": learned, "random": random_},
+    lm = lm if isinstance(lm, LoadedModel) else load_model(str(lm))
+    L = lm.num_layers
+    d_src, d_tgt = default_layers(L)
+    h_src, h_tgt = s.layers_hint()
+    src, tgt = check_layers(
+        next(x for x in (s.source_layer, h_src, d_src) if x is not None),
+        next(x for x in (s.target_layer, h_tgt, d_tgt) if x is not None),
+        L,
+    )
+    batch = encode_prompts(lm.tokenizer, prompts, s.positions, s.chat)
+    sweep = None
+    if hasattr(s, "radius") and parse_radius(s.radius).kind == "auto":
+        sweep = sweep_radius(lm, prompts, method, s, src, tgt, gen, show_progress=show_progress)
+        s.radius = f"{sweep['chosen']['radius']:.6g}"
+    m = cls(Context(lm, batch, src, tgt, s, show_progress))
+    meta: dict[str, Any] = {
+        **lm.identity(),
+        "method": cls.name,
+        "kind": cls.kind,
+        **s.to_meta(),
+        "radius_spec": "auto" if sweep else getattr(s, "radius", None),
+        "source_layer": src,
+        "target_layer": tgt,
         "prompts": prompts,
+        "residual_norm_statistic": "median",
+        **m.meta,
     }
+    if sweep:
+        meta["radius_sweep"] = {k: v for k, v in sweep.items() if k != "completions"}
+    prior = run.prior() if run is not None else None
+    same = {
+        k: meta[k]
+        for k in (*s.to_meta(), "method", "source_layer", "target_layer", "prompts", "radius")
+        if k in meta and k not in _NOT_COMPARED
+    }
+    resume_fit = _check_resume(prior, same, cls) if prior is not None else None
+    if prior is not None:
+        prior.check_model(lm)
+
+    def checkpoint(fit: Fit) -> None:
+        if run is not None:
+            run.save(Bank(fit.tensors, {**meta, **m.meta, "vectors": fit.info, "complete": False}))
+
+    t0 = time.perf_counter()
+    fit = m.fit(resume_fit, checkpoint if run is not None else None)
+    seconds = time.perf_counter() - t0
+    random = m.random_baseline(fit)
+    meta.update(m.meta)
+    meta.update(
+        {
+            "vectors": fit.info,
+            "random_objectives": m.objectives(random),
+            "complete": True,
+            "train_seconds_this_session": seconds,
+        }
+    )
+    if hasattr(m, "perturbation_norms"):
+        meta["random_perturbation_norms"] = m.perturbation_norms(random)
+    bank = Bank({**fit.tensors, **random}, meta, lm)
+    if run is not None:
+        run.save(bank)
+        if sweep:
+            write_sweep(run.path, sweep)
+    bank.evaluation = None  # type: ignore[attr-defined]
+    if evaluate:
+        new = len(fit) - (len(resume_fit) if resume_fit else 0)
+        ev = evaluate_bank(
+            bank, heldout, gen, s.num_vectors if cls.name == "dct" else None, run.path if run is not None else None
+        )
+        steps = getattr(s, "steps", 0) or 0
+        ev.update(
+            {
+                "out": str(run.path) if run else None,
+                "model": lm.name,
+                "method": cls.name,
+                "kind": cls.kind,
+                "radius": m.radius,
+                "residual_norm": meta.get("residual_norm"),
+                "source_layer": src,
+                "target_layer": tgt,
+                "train_seconds": seconds,
+                "radius_sweep": meta.get("radius_sweep"),
+                "seconds_per_vector": seconds / new if new > 0 else None,
+                "seconds_per_step": seconds / (new * steps) if new > 0 and steps else None,
+            }
+        )
+        bank.evaluation = ev  # type: ignore[attr-defined]
+        if run is not None:
+            write_summary(run.path, bank, ev)
+            if getattr(cls, "writes_measures", False):
+                idx = list(range(len(bank)))
+                kl = bank.kl(reference=0)
+                write_measures(run.path, bank, kl, idx, 0, title=f"{cls.name} ({lm.name}, {src}→{tgt}): ")
+                ev["kl_to_base"] = kl.to_reference.tolist() if kl.to_reference is not None else None
+                ev["kl_to_unsteered"] = kl.to_unsteered.tolist()
+                write_summary(run.path, bank, ev)
+    return bank

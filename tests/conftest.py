@@ -9,15 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 
+from melbo.core.models import wrap_model
+
 # Tiny models: one thread is faster than several (and CI has 2 cores).
 torch.set_num_threads(1)
 
 SHARED_MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
 
 # Tiny configs: 4 blocks, d_model 32. Keys are transformers model_type names.
-TINY = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-            vocab_size=128, max_position_embeddings=128,
-            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=64,
+    vocab_size=128,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 ARCHS = {
     "llama": dict(num_key_value_heads=2),
     "mistral": dict(num_key_value_heads=2, sliding_window=None),
@@ -33,6 +43,17 @@ ARCHS = {
     "opt": dict(ffn_dim=64, word_embed_proj_dim=32),
     "falcon": dict(new_decoder_architecture=False, multi_query=True),
     "olmo": dict(),
+    "olmo2": dict(num_key_value_heads=2),
+    "bloom": dict(n_embed=32, n_layer=4, n_head=4),
+    "gemma3_text": dict(num_key_value_heads=1, head_dim=8, sliding_window=4, query_pre_attn_scalar=8),
+    "stablelm": dict(num_key_value_heads=2),
+    "starcoder2": dict(num_key_value_heads=2),
+    "cohere": dict(num_key_value_heads=2),
+    "mpt": dict(d_model=32, n_heads=4, n_layers=4),
+    "gpt_bigcode": dict(n_embd=32, n_layer=4, n_head=4, n_positions=128),
+    "codegen": dict(n_embd=32, n_layer=4, n_head=4, n_positions=128, rotary_dim=4),
+    "gpt_neo": dict(num_layers=4, num_heads=4, attention_types=[[["global", "local"], 2]], window_size=4),
+    "mixtral": dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
 }
 FAST_ARCHS = ["llama", "qwen2", "gemma2", "gpt2", "gpt_neox", "opt"]
 
@@ -48,8 +69,9 @@ def char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def tiny_model(arch: str, seed: int = 0):
@@ -65,8 +87,6 @@ def tiny_model(arch: str, seed: int = 0):
 
 
 def tiny_loaded(arch: str, seed: int = 0):
-    from melbo.models import wrap_model
-
     return wrap_model(tiny_model(arch, seed), char_tokenizer(), name=f"tiny-{arch}")
 
 
@@ -78,5 +98,7 @@ def loaded(request):
 def shared_model_path(name: str) -> Path:
     path = SHARED_MODELS / name
     if not (path / "config.json").exists():
-        pytest.skip(f"real model {name} not found at {path} (../shared/models is absent outside the project's machines)")
+        pytest.skip(
+            f"real model {name} not found at {path} (../shared/models is absent outside the project's machines)"
+        )
     return path

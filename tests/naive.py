@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from melbo.steer import block_output, steer
+from melbo.core.hooks import block_output, steer
 
 
 def target_activations(lm, prompt_ids: torch.Tensor, src: int, tgt: int, theta: torch.Tensor | None):

@@ -7,17 +7,29 @@ import functools
 import numpy as np
 import pytest
 import torch
+from conftest import char_tokenizer, tiny_loaded, tiny_model
 
-from conftest import tiny_loaded
-from melbo.errors import MelboError
-from melbo.measure import (effective_window, kl_curves, kl_divergence, kl_label, last_token_logprobs, mean_vector,
-                           moving_average, rescale_vectors, vector_norms)
-from melbo.plot import plot_curves, plot_measures
+from melbo.bank import Bank
+from melbo.cli import main
+from melbo.core.errors import MelboError
+from melbo.core.models import wrap_model
+from melbo.measure import (
+    effective_window,
+    kl_curves,
+    kl_divergence,
+    kl_label,
+    last_token_logprobs,
+    mean_vector,
+    moving_average,
+    rescale_vectors,
+    vector_norms,
+    vector_variants,
+)
 
 PROMPTS = ["Hello there, friend", "The cat"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lm_of(arch):
     return tiny_loaded(arch)
 
@@ -29,10 +41,12 @@ def _naive_kl(lm, prompt, vec_p, vec_q, layer):
     def logp(vec):
         hooks = []
         if vec is not None:
+
             def add(module, args, output):
                 if isinstance(output, tuple):
                     return (output[0] + vec,) + tuple(output[1:])
                 return output + vec
+
             hooks.append(lm.blocks[layer].register_forward_hook(add))
         try:
             with torch.no_grad():
@@ -58,19 +72,22 @@ def test_kl_matches_naive_and_is_zero_for_reference(arch):
     for k in range(5):
         for i, prompt in enumerate(PROMPTS):
             assert kl.per_prompt_reference[k, i].item() == pytest.approx(
-                _naive_kl(lm, prompt, vecs[k], vecs[2], layer), rel=1e-3, abs=1e-6)
+                _naive_kl(lm, prompt, vecs[k], vecs[2], layer), rel=1e-3, abs=1e-6
+            )
             assert kl.per_prompt_unsteered[k, i].item() == pytest.approx(
-                _naive_kl(lm, prompt, vecs[k], None, layer), rel=1e-3, abs=1e-6)
+                _naive_kl(lm, prompt, vecs[k], None, layer), rel=1e-3, abs=1e-6
+            )
     rev = kl_curves(lm, PROMPTS[:1], vecs[:2], layer, reference=vecs[2], direction="ref||k")
-    assert rev.to_reference[0].item() == pytest.approx(_naive_kl(lm, PROMPTS[0], vecs[2], vecs[0], layer),
-                                                      rel=1e-3, abs=1e-6)
+    assert rev.to_reference[0].item() == pytest.approx(
+        _naive_kl(lm, PROMPTS[0], vecs[2], vecs[0], layer), rel=1e-3, abs=1e-6
+    )
 
 
 def test_last_token_logprobs_batched_equals_single():
     lm = lm_of("llama")
     vecs = torch.randn(3, lm.d_model, generator=torch.Generator().manual_seed(2))
     many = last_token_logprobs(lm, PROMPTS, vecs, 1, batch_size=3)
-    one = torch.cat([last_token_logprobs(lm, PROMPTS, vecs[k:k + 1], 1) for k in range(3)])
+    one = torch.cat([last_token_logprobs(lm, PROMPTS, vecs[k : k + 1], 1) for k in range(3)])
     assert many.shape == (3, 2, 128)
     assert torch.allclose(many, one, atol=1e-5)
     assert torch.allclose(many.exp().sum(-1), torch.ones(3, 2), atol=1e-5)
@@ -106,26 +123,15 @@ def test_norms_rescale_mean_moving_average():
         effective_window(10, 0)
 
 
-def test_plots_are_pngs(tmp_path):
-    vals = np.linspace(0, 1, 40)
-    p = plot_curves(tmp_path / "a" / "x.png", {"x": vals}, "y", "t", window=5, hlines={"one": 1.0})
-    assert p.read_bytes()[:4] == b"\x89PNG"
-    paths = plot_measures(tmp_path, vals, vals, vals, window=50, base_norm=7.0)
-    assert [q.name for q in paths] == ["norms.png", "kl.png"]
-    assert plot_measures(tmp_path / "n", vals)[0].name == "norms.png"
-
-
 def test_vector_variants_and_cli_generate_rescale_mean(tmp_path, capsys):
-    from conftest import char_tokenizer, tiny_model
-    from melbo.bank import Bank, model_meta, save_bank
-    from melbo.cli import main
-    from melbo.measure import vector_variants
-    from melbo.models import wrap_model
-
     v = torch.tensor([[3.0, 4.0], [0.0, 2.0], [1.0, 0.0]])
     rows, labels = vector_variants(v, [0], [1, 2], rescale=10.0)
-    assert labels == ["vector 0 (norm 5)", "mean of vectors 1,2 (norm 1.118)",
-                      "vector 0 rescaled to norm 10", "mean of vectors 1,2 rescaled to norm 10"]
+    assert labels == [
+        "vector 0 (norm 5)",
+        "mean of vectors 1,2 (norm 1.118)",
+        "vector 0 rescaled to norm 10",
+        "mean of vectors 1,2 rescaled to norm 10",
+    ]
     assert torch.allclose(rows[3], torch.tensor([5.0, 10.0]) / 1.118034 * 10 / 10, atol=1e-4)
 
     model_dir = tmp_path / "model"
@@ -133,13 +139,34 @@ def test_vector_variants_and_cli_generate_rescale_mean(tmp_path, capsys):
     char_tokenizer().save_pretrained(model_dir)
     lm = wrap_model(tiny_model("llama"), char_tokenizer(), name=str(model_dir))
     vecs = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
-    save_bank(tmp_path / "bank.safetensors", Bank(vecs, {**model_meta(lm), "source_layer": 1}))
+    Bank({"vectors": vecs}, {**lm.identity(), "source_layer": 1}).save(tmp_path / "bank.safetensors")
     with pytest.raises(SystemExit) as e:
-        main(["generate", "--bank", str(tmp_path / "bank.safetensors"), "--prompt", "Hi", "--mean", "1,3",
-              "--rescale", "7", "--max-new-tokens", "3", "--device", "cpu"])
+        main(
+            [
+                "generate",
+                "--bank",
+                str(tmp_path / "bank.safetensors"),
+                "--prompt",
+                "Hi",
+                "--mean",
+                "1,3",
+                "--rescale",
+                "7",
+                "--max-new-tokens",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
     out = capsys.readouterr().out
     assert e.value.code == 0
-    for label in ("--- unsteered:", "--- vector 1 (norm", "--- vector 3 (norm", "--- mean of vectors 1,3 (norm",
-                  "--- vector 1 rescaled to norm 7 x 1:", "--- mean of vectors 1,3 rescaled to norm 7"):
+    for label in (
+        "--- unsteered:",
+        "--- vector 1 (norm",
+        "--- vector 3 (norm",
+        "--- mean of vectors 1,3 (norm",
+        "--- vector 1 rescaled to norm 7 x 1:",
+        "--- mean of vectors 1,3 rescaled to norm 7",
+    ):
         assert label in out, label
     assert "--- vector 0 " not in out  # --mean without --vectors applies only its members

@@ -1,0 +1,47 @@
+"""The ``melbo`` command line, a thin layer over the public API (one module per command group).
+
+Bad input (a :class:`melbo.core.errors.MelboError`, or a click usage error) ends with a one-line
+``error: ...`` message and exit code 2; nothing half written is left behind.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from melbo.cli.look import generate, plot
+from melbo.cli.planted import bench, demo, plant
+from melbo.cli.train import calibrate, ortho, train
+from melbo.core.errors import MelboError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="melbo")
+def cli() -> None:
+    """melbo: find steering vectors, adapters and transcoders that switch a language model into its latent
+    behaviors, with no labels (MELBO and deep causal transcoding)."""
+
+
+for command in (train, generate, ortho, plot, calibrate, plant, bench, demo):
+    cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``melbo`` script: runs :data:`cli`, exit code 2 on bad input."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except MelboError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    sys.exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

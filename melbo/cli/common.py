@@ -1,0 +1,146 @@
+"""Pieces every command shares: option groups, reading prompts, loading the model, printing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from melbo.bank import Bank
+from melbo.core.errors import MelboError
+from melbo.core.generate import GenerationConfig
+from melbo.core.io import read_text
+from melbo.core.models import LoadedModel, load_model
+
+
+def read_prompts(prompt: tuple[str, ...], prompts_file: str | None) -> list[str]:
+    """``--prompt`` values, then the non-empty lines of ``--prompts-file`` (UTF-8)."""
+    prompts = [p.replace("\\n", "\n") for p in prompt]
+    if prompts_file:
+        prompts += [line for line in read_text(prompts_file, "--prompts-file").splitlines() if line.strip()]
+    return prompts
+
+
+def options(*opts: Callable) -> Callable:
+    """Apply click options to a command, in order."""
+
+    def wrap(f: Callable) -> Callable:
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return wrap
+
+
+def given(ctx: click.Context, **names: str) -> dict[str, Any]:
+    """``{setting: value}`` for the parameters the user set (``names`` maps parameter -> setting)."""
+    out = {}
+    for param, setting in names.items():
+        source = ctx.get_parameter_source(param)
+        if source is not None and source != click.core.ParameterSource.DEFAULT:
+            out[setting] = ctx.params[param]
+    return out
+
+
+prompt_options = options(
+    click.option("--prompt", multiple=True, help="A prompt (repeatable; \\n in it is a newline)."),
+    click.option("--prompts-file", type=click.Path(), default=None, help="UTF-8 text file, one prompt per line."),
+)
+
+generation_options = options(
+    click.option("--max-new-tokens", type=int, default=64, help="Tokens to generate after each prompt."),
+    click.option("--temperature", type=float, default=0.0, help="0 = greedy decoding; > 0 samples."),
+    click.option("--top-p", type=float, default=1.0, help="Nucleus sampling threshold (with --temperature > 0)."),
+    click.option("--chat", is_flag=True, help="Wrap prompts in the tokenizer's chat template (when it has one)."),
+)
+
+model_options = options(
+    click.option(
+        "--gguf-file",
+        default=None,
+        help="GGUF file inside the --model folder or Hub repository (quantized weights are dequantized).",
+    ),
+    click.option("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:N."),
+    click.option(
+        "--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16."
+    ),
+    click.option(
+        "--blocks-path",
+        default=None,
+        help="Dotted path of the decoder blocks, for architectures melbo does not know (e.g. transformer.h).",
+    ),
+)
+
+
+def generation_config(
+    max_new_tokens: int, temperature: float, top_p: float, chat: bool, seed: int = 0, steer_positions: str = "all"
+) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        chat=chat,
+        seed=seed,
+        steer_positions=steer_positions,
+    )
+
+
+def open_model(
+    name: str | None, device: str, dtype: str, blocks_path: str | None, gguf_file: str | None, bank: Bank | None = None
+) -> LoadedModel:
+    """The model named by ``--model``, or the one a bank was made for (checked against the bank).
+
+    Raises:
+        MelboError: no model given and the bank names none; a bank from another model.
+    """
+    name = name or (bank.meta.get("model") if bank is not None else None)
+    if not name:
+        raise MelboError("no model: the bank does not say which model it was made for; pass --model")
+    lm = load_model(str(name), device, dtype, blocks_path, gguf_file=gguf_file)
+    if bank is not None:
+        bank.attach(lm)
+    return lm
+
+
+def print_completions(prompts: list[str], comps: dict[str, list[str]]) -> None:
+    """Each prompt, then every labelled completion of it."""
+    for i, p in enumerate(prompts):
+        click.echo(f"=== prompt: {p}")
+        for label, c in comps.items():
+            click.echo(f"--- {label}: {c[i]}")
+
+
+def print_run(bank: Bank) -> None:
+    """The learned-versus-random comparison of a run and where its files are."""
+    ev = getattr(bank, "evaluation", None) or {}
+    m = bank.meta
+    sweep = m.get("radius_sweep")
+    if sweep:
+        ch = sweep["chosen"]
+        click.echo(
+            f"R chosen by the diversity sweep: {ch['radius']:.4g} ({ch['relative']:.3g}x the median residual "
+            f"norm {sweep['residual_norm']:.4g}); rule: {sweep['rule']}"
+        )
+    click.echo(
+        f"{m.get('method')}: R = {m.get('radius', float('nan')):.4g} (median residual norm at source "
+        f"{m.get('residual_norm', float('nan')):.4g}), layers {m.get('source_layer')} -> {m.get('target_layer')}, "
+        f"{len(bank)} {'adapters' if bank.kind == 'adapter' else 'vectors'}"
+    )
+    if ev:
+        L, R = ev["learned"], ev["random"]
+        click.echo(
+            f"learned: {L['changed_train']}/{L['n']} change the greedy completion, mean objective "
+            f"{L['mean_objective']:.4g}, mean similarity to unsteered {L['mean_similarity_train']:.3f}"
+        )
+        click.echo(
+            f"random:  {R['changed_train']}/{R['n']} change the greedy completion, mean objective "
+            f"{R['mean_objective']:.4g}, mean similarity to unsteered {R['mean_similarity_train']:.3f}"
+        )
+        if ev.get("seconds_per_step"):
+            click.echo(
+                f"{ev['seconds_per_step'] * 1000:.2f} ms per optimizer step, "
+                f"{ev['seconds_per_vector']:.2f} s per perturbation"
+            )
+        if ev.get("out"):
+            click.echo(f"results: {ev['out']}/summary.md (and bank.safetensors, completions.jsonl)")

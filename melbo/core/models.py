@@ -1,0 +1,326 @@
+"""Loading models and finding their decoder blocks (the residual stream's hook points).
+
+Notation (METHOD.md, "Notation"): a decoder-only transformer has ``L`` blocks; ``h_l`` is the
+residual stream after block ``l`` -- the output of ``blocks[l]``, equal to Hugging Face's
+``hidden_states[l + 1]`` -- of shape ``[batch, seq, d_model]``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from melbo.core.errors import MelboError
+
+# Attribute paths of the decoder-block list, most common first. Llama, Mistral, Qwen2/3, Gemma,
+# Gemma2, Phi, Phi-3 and OLMo use ``model.layers``; GPT-2, GPT-J and Falcon ``transformer.h``;
+# GPT-NeoX ``gpt_neox.layers``; OPT ``model.decoder.layers``.
+BLOCK_PATHS = (
+    "model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "transformer.layers",
+    "transformer.blocks",
+    "layers",
+)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _get_attr_path(obj: object, path: str) -> object | None:
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def text_config(model: Any) -> Any:
+    """The text part of a model's config (multimodal configs nest it)."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def num_layers(model: Any) -> int:
+    """Number of decoder blocks ``L`` as the config states it."""
+    n = getattr(text_config(model), "num_hidden_layers", None)
+    if n is None:
+        raise MelboError(f"the config of {type(model).__name__} has no num_hidden_layers")
+    return int(n)
+
+
+def hidden_size(model: Any) -> int:
+    """Width ``d_model`` of the residual stream."""
+    d = getattr(text_config(model), "hidden_size", None)
+    if d is None:
+        raise MelboError(f"the config of {type(model).__name__} has no hidden_size")
+    return int(d)
+
+
+def find_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList:
+    """Return the ``ModuleList`` of decoder blocks of ``model``.
+
+    Args:
+        model: a Hugging Face causal LM (or any ``nn.Module`` with a config).
+        path: dotted attribute path that overrides the search (e.g. ``"transformer.h"``).
+
+    Looks at the known attribute paths (:data:`BLOCK_PATHS`) and then for the one
+    ``ModuleList`` whose length equals the config's number of hidden layers.
+
+    Raises:
+        MelboError: the override path does not name a ``ModuleList``, or no list of blocks
+            was found (then pass ``path``).
+    """
+    if path is not None:
+        blocks = _get_attr_path(model, path)
+        if not isinstance(blocks, nn.ModuleList):
+            raise MelboError(
+                f"--blocks-path {path!r} does not name a torch.nn.ModuleList in "
+                f"{type(model).__name__}; give the dotted path of its decoder blocks"
+            )
+        return blocks
+    n = num_layers(model)
+    for p in BLOCK_PATHS:
+        blocks = _get_attr_path(model, p)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) == n:
+            return blocks
+    candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if len(candidates) == 1:
+        return candidates[0][1]
+    names = ", ".join(name for name, _ in candidates) or "none"
+    raise MelboError(
+        f"cannot tell which ModuleList holds the {n} decoder blocks of {type(model).__name__} "
+        f"(ModuleLists of that length: {names}); pass its dotted path with --blocks-path"
+    )
+
+
+def resolve_layer(index: int, n_layers: int, what: str = "layer") -> int:
+    """Turn a possibly negative block index into ``0..n_layers-1``.
+
+    Raises:
+        MelboError: the index is outside ``-n_layers..n_layers-1``.
+    """
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise MelboError(f"{what} must be an integer, got {index!r}")
+    if not -n_layers <= index < n_layers:
+        raise MelboError(
+            f"{what} {index} is out of range: the model has {n_layers} blocks, "
+            f"allowed are 0..{n_layers - 1} or -{n_layers}..-1"
+        )
+    return index % n_layers
+
+
+def default_layers(n_layers: int) -> tuple[int, int]:
+    """Default source and target blocks.
+
+    The post (METHOD.md section 1) uses ``src = 8``, ``tgt = L - 8`` on 24-block models. Models
+    under 20 blocks get ``src = L // 4`` and ``tgt = src + L // 2`` (at least ``src + 1``,
+    at most ``L - 1``). A 1-block model has no valid pair.
+
+    Raises:
+        MelboError: ``n_layers < 2``.
+    """
+    if n_layers < 2:
+        raise MelboError(f"a model needs at least 2 blocks for a source and a target layer, it has {n_layers}")
+    if n_layers >= 20:
+        return 8, n_layers - 8
+    src = n_layers // 4
+    return src, min(n_layers - 1, src + max(1, n_layers // 2))
+
+
+def check_layers(src: int, tgt: int, n_layers: int) -> tuple[int, int]:
+    """Resolve negative indices and check ``0 <= src < tgt < L``.
+
+    Raises:
+        MelboError: a layer is out of range, or ``src >= tgt``.
+    """
+    s = resolve_layer(src, n_layers, "source layer")
+    t = resolve_layer(tgt, n_layers, "target layer")
+    if s >= t:
+        raise MelboError(
+            f"source layer {src} (block {s}) must come before target layer {tgt} (block {t}); "
+            f"allowed: 0 <= source < target <= {n_layers - 1}"
+        )
+    return s, t
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``"auto"`` gives ``cuda`` when available, else ``cpu``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise MelboError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MelboError(f"device {device!r} asked for, but CUDA is not available here; use cpu or auto")
+    return dev
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` gives bfloat16 on CUDA (where it supports it) and float32 elsewhere."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise MelboError(f"unknown dtype {dtype!r}; allowed: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and where it came from.
+
+    Attributes:
+        model: the ``PreTrainedModel``, in eval mode, parameters frozen.
+        tokenizer: its tokenizer; ``pad_token`` is set (to EOS or UNK when the model has none).
+        name: the Hub id or local path it was loaded from.
+        blocks: the decoder blocks (see :func:`find_blocks`).
+    """
+
+    model: Any
+    tokenizer: Any
+    name: str
+    blocks: nn.ModuleList
+    gguf_file: str | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return hidden_size(self.model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def model_type(self) -> str:
+        return str(getattr(text_config(self.model), "model_type", type(self.model).__name__))
+
+    def identity(self) -> dict:
+        """What a bank records about the model it was made for (checked when it is used again)."""
+        return {
+            "model": self.name,
+            "model_type": self.model_type,
+            "hidden_size": self.d_model,
+            "num_layers": self.num_layers,
+        }
+
+
+def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """``(folder or id, gguf file name or None)``: a path ending in ``.gguf`` names its folder and file.
+
+    Raises:
+        MelboError: a ``.gguf`` path that is not a file, or ``gguf_file`` missing from the folder.
+    """
+    if gguf_file is None and str(name_or_path).lower().endswith(".gguf"):
+        p = Path(name_or_path).expanduser()
+        if not p.is_file():
+            raise MelboError(f"model {name_or_path!r}: no such GGUF file")
+        return str(p.parent), p.name
+    if gguf_file is not None and os.path.isdir(name_or_path) and not (Path(name_or_path) / gguf_file).is_file():
+        raise MelboError(f"--gguf-file {gguf_file!r} is not in folder {name_or_path!r}")
+    return name_or_path, gguf_file
+
+
+def load_model(
+    name_or_path: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    blocks_path: str | None = None,
+    attn_implementation: str | None = None,
+    gguf_file: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer by Hub id, local folder or GGUF file.
+
+    Weights are read from safetensors or GGUF files only: a model stored as pickle
+    (``pytorch_model.bin``, ``.pt``) is refused, since unpickling runs arbitrary code.
+
+    Args:
+        name_or_path: a Hub id (``"Qwen/Qwen1.5-1.8B-Chat"``), a folder written by
+            ``save_pretrained``, or a ``.gguf`` file (quantized weights are dequantized by
+            transformers to ``dtype``).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+        dtype: ``auto`` (bf16 on CUDA, float32 on CPU), ``float32``, ``bfloat16``, ``float16``.
+        blocks_path: dotted path of the decoder blocks, for architectures melbo does not know.
+        attn_implementation: e.g. ``"eager"`` (forward-mode AD needs it).
+        gguf_file: the GGUF file's name inside the folder (or Hub repository) ``name_or_path``.
+
+    Raises:
+        MelboError: no model at that path or id, pickle weights only, or it cannot be loaded as
+            a causal LM.
+    """
+    source, gguf = split_gguf(name_or_path, gguf_file)
+    local = os.path.isdir(source)
+    if not local and (not _HUB_ID.match(source) or source.startswith((".", "/", "~"))):
+        raise MelboError(f"model {name_or_path!r}: no such folder or .gguf file, and not a Hub id of the form org/name")
+    if local and gguf is None:
+        names = {p.name for p in Path(source).iterdir()}
+        if not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+            pickles = sorted(n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt")))
+            if pickles:
+                raise MelboError(
+                    f"model folder {source!r} holds pickle weights only ({', '.join(pickles)}); melbo "
+                    f"never unpickles files: convert them to safetensors (model.save_pretrained(folder, "
+                    f"safe_serialization=True)) or give a .gguf file"
+                )
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    kwargs: dict = {"dtype": dt}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    extra: dict = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
+        model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        where = "GGUF file" if gguf else "folder" if local else "Hub id (offline, or no such repository?)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MelboError(f"cannot load model {name_or_path!r} as a {where}: {first}") from None
+    model.to(dev).eval().requires_grad_(False)
+    prepare_tokenizer(tokenizer)
+    name = str(Path(source) / gguf) if gguf and local else name_or_path
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, blocks=find_blocks(model, blocks_path), gguf_file=gguf
+    )
+
+
+def prepare_tokenizer(tokenizer: Any) -> None:
+    """Give the tokenizer a pad token (EOS, else UNK) so that prompts can be batched."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise MelboError("the tokenizer has no pad, EOS or UNK token to pad batches with")
+
+
+def wrap_model(
+    model: nn.Module, tokenizer: Any, name: str = "<in-memory>", blocks_path: str | None = None
+) -> LoadedModel:
+    """Wrap an already loaded model (tests, notebooks) like :func:`load_model` does."""
+    model.eval().requires_grad_(False)
+    prepare_tokenizer(tokenizer)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, blocks=find_blocks(model, blocks_path))

