@@ -18,7 +18,7 @@ from melbo.core.models import default_layers, load_model
 from melbo.core.prompts import encode_prompts
 from melbo.core.slice import Slice, melbo_objective
 from melbo.core.sphere import random_vectors
-from melbo.methods.melbo import make_optimizer, train_step
+from melbo.methods.melbo_train import make_optimizer, train_step
 
 RADIUS, P, Q, LR = 1.0, 2.0, 1.0, 1e-3
 

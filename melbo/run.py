@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from melbo.bank import BANK_FILE, Bank
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
@@ -105,6 +107,7 @@ def train(
     generation: GenerationConfig | None = None,
     evaluate: bool | None = None,
     show_progress: bool = True,
+    sweep_options: dict[str, Any] | None = None,
     **settings: Any,
 ) -> Bank:
     """Find perturbations of ``lm`` that change its behavior on ``prompts``, with no labels.
@@ -121,6 +124,8 @@ def train(
         heldout: prompts to generate on but not train on.
         generation: how completions are generated (greedy, 64 new tokens by default).
         evaluate: generate completions and the summary (default: when ``out`` is given).
+        sweep_options: keyword arguments of :func:`melbo.methods.radius_sweep.sweep_radius` for
+            ``radius="auto"`` (``grid``, ``per_radius``, ``steps``, ``max_new_tokens``, ``embedder``).
         settings: the method's settings; defaults and their reasons are in
             :data:`melbo.defaults.DEFAULTS` (e.g. ``radius="0.2x"``, ``num_vectors=16``,
             ``source_layer=4``, ``steps=300``, ``positions="last:3"``).
@@ -162,7 +167,9 @@ def train(
     batch = encode_prompts(lm.tokenizer, prompts, s.positions, s.chat)
     sweep = None
     if hasattr(s, "radius") and parse_radius(s.radius).kind == "auto":
-        sweep = sweep_radius(lm, prompts, method, s, src, tgt, gen, show_progress=show_progress)
+        sweep = sweep_radius(
+            lm, prompts, method, s, src, tgt, gen, echo=tqdm.write if show_progress else None, **(sweep_options or {})
+        )
         s.radius = f"{sweep['chosen']['radius']:.6g}"
     m = cls(Context(lm, batch, src, tgt, s, show_progress))
     meta: dict[str, Any] = {
@@ -213,7 +220,6 @@ def train(
         run.save(bank)
         if sweep:
             write_sweep(run.path, sweep)
-    bank.evaluation = None  # type: ignore[attr-defined]
     if evaluate:
         new = len(fit) - (len(resume_fit) if resume_fit else 0)
         ev = evaluate_bank(
@@ -236,7 +242,7 @@ def train(
                 "seconds_per_step": seconds / (new * steps) if new > 0 and steps else None,
             }
         )
-        bank.evaluation = ev  # type: ignore[attr-defined]
+        bank.evaluation = ev
         if run is not None:
             write_summary(run.path, bank, ev)
             if getattr(cls, "writes_measures", False):

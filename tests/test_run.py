@@ -102,7 +102,11 @@ def test_run_folder_holds_bank_completions_summary(tmp_path):
 
 @pytest.mark.parametrize(
     "method, extra",
-    [("melbo", {"steps": 4}), ("adapter", {"steps": 3, "batch": 2}), ("ortho", {"steps": 15, "min_norm": 0.0})],
+    [
+        ("melbo", {"steps": 4, "batch_vectors": 1}),
+        ("adapter", {"steps": 3, "batch": 2}),
+        ("ortho", {"steps": 15, "min_norm": 0.0}),
+    ],
 )
 def test_resume_equals_an_uninterrupted_run(tmp_path, method, extra):
     lm = tiny_loaded("llama")

@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from melbo.cli.capability import capability
 from melbo.cli.look import generate, plot
 from melbo.cli.planted import bench, demo, plant
 from melbo.cli.train import calibrate, ortho, train
@@ -25,6 +26,7 @@ def cli() -> None:
 
 for command in (train, generate, ortho, plot, calibrate, plant, bench, demo):
     cli.add_command(command)
+bench.add_command(capability)
 
 
 def main(argv: list[str] | None = None) -> None:

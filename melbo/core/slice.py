@@ -14,6 +14,7 @@ doubles is per-row; Bloom's ALiBi ``[n·heads, 1, T]`` is found that way, a ``po
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -38,37 +39,58 @@ def _split_inputs(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict,
     return kwargs.pop("hidden_states"), (), kwargs, True
 
 
-def _batch_mask(small: Any, big: Any) -> Any:
+def _batch_mask(small: Any, big: Any, n: int) -> Any:
     """For inputs captured on ``n`` rows (``small``) and ``2n`` rows (``big``): the same structure
-    with True at tensors whose first dimension doubled, False at other tensors, None elsewhere."""
+    with ``k`` at tensors whose first dimension is ``k·n`` and doubled (per-row, ``k`` entries per
+    prompt: Bloom's ALiBi has one per head), 0 at other tensors, None elsewhere."""
     if isinstance(small, torch.Tensor):
         if not isinstance(big, torch.Tensor):
             raise MelboError("a block's inputs changed type when the batch grew; melbo cannot replay them")
         if small.shape == big.shape:
-            return False
-        if small.dim() >= 1 and big.shape[0] == 2 * small.shape[0] and big.shape[1:] == small.shape[1:]:
-            return True
+            return 0
+        if (
+            small.dim() >= 1
+            and big.shape[0] == 2 * small.shape[0]
+            and big.shape[1:] == small.shape[1:]
+            and small.shape[0] % n == 0
+        ):
+            return small.shape[0] // n
         raise MelboError(
             f"a block input of shape {tuple(small.shape)} became {tuple(big.shape)} when the batch "
             f"doubled; melbo can replay per-row inputs only when the batch is their first dimension"
         )
     if isinstance(small, (tuple, list)):
-        return type(small)(_batch_mask(a, b) for a, b in zip(small, big))
+        return type(small)(_batch_mask(a, b, n) for a, b in zip(small, big))
     if isinstance(small, dict):
-        return {k: _batch_mask(v, big.get(k)) for k, v in small.items()}
+        return {k: _batch_mask(v, big.get(k), n) for k, v in small.items()}
     return None
 
 
 def tile_batch(obj: Any, mask: Any, times: int) -> Any:
     """Repeat (vector-major) each tensor of ``obj`` that ``mask`` marks as per-row, ``times`` times."""
-    if times == 1 or mask is None or mask is False:
+    if times == 1 or mask is None or mask == 0:
         return obj
-    if mask is True:
+    if isinstance(mask, int):
         return obj.repeat(times, *([1] * (obj.dim() - 1)))
     if isinstance(obj, (tuple, list)):
         return type(obj)(tile_batch(x, m, times) for x, m in zip(obj, mask))
     if isinstance(obj, dict):
         return {k: tile_batch(v, mask[k], times) for k, v in obj.items()}
+    return obj
+
+
+def select_rows(obj: Any, mask: Any, rows: torch.Tensor) -> Any:
+    """Each tensor of ``obj`` that ``mask`` marks as per-row (``k`` entries per prompt), restricted to
+    the prompt rows ``rows``."""
+    if mask is None or mask == 0:
+        return obj
+    if isinstance(mask, int):
+        grouped = obj.reshape(obj.shape[0] // mask, mask, *obj.shape[1:])
+        return grouped[rows.to(obj.device)].reshape(len(rows) * mask, *obj.shape[1:])
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(select_rows(x, m, rows) for x, m in zip(obj, mask))
+    if isinstance(obj, dict):
+        return {k: select_rows(v, mask[k], rows) for k, v in obj.items()}
     return obj
 
 
@@ -79,6 +101,17 @@ class BlockCall:
         self.args, self.kwargs, self.hidden_keyword = args, kwargs, hidden_keyword
         self.hidden = hidden  # the block's input hidden states [n, T, d] (kept for the first block only)
         self.mask: Any = None
+
+    def subset(self, rows: torch.Tensor) -> BlockCall:
+        """The same call for the prompt rows ``rows`` only."""
+        call = BlockCall(
+            select_rows(self.args, self.mask[0], rows),
+            select_rows(self.kwargs, self.mask[1], rows),
+            self.hidden_keyword,
+            None if self.hidden is None else self.hidden[rows.to(self.hidden.device)],
+        )
+        call.mask = self.mask
+        return call
 
     def run(self, block: nn.Module, h: torch.Tensor, times: int) -> torch.Tensor:
         """``block`` on hidden states ``h`` ``[times·n, T, d]`` with the recorded other inputs."""
@@ -149,7 +182,7 @@ def capture_block_calls(
     big, _ = forward(doubled, False, layers[-1])
     for layer, call in calls.items():
         other = big[layer]
-        call.mask = (_batch_mask(call.args, other.args), _batch_mask(call.kwargs, other.kwargs))
+        call.mask = (_batch_mask(call.args, other.args, len(batch)), _batch_mask(call.kwargs, other.kwargs, len(batch)))
     return calls, hidden
 
 
@@ -200,6 +233,18 @@ class Slice:
     @property
     def d_model(self) -> int:
         return self.h_src.shape[-1]
+
+    def subset(self, rows: list[int] | torch.Tensor) -> Slice:
+        """The same slice on the prompts ``rows`` only (for evaluating the objective in chunks of
+        prompts: METHOD.md section 1's objective is a sum over prompts)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        out = copy.copy(self)
+        dev = self.h_src.device
+        out.h_src, out.z0 = self.h_src[idx.to(dev)], self.z0[idx.to(dev)]
+        out.mask, out.attention_mask = self.mask[idx.to(dev)], self.attention_mask[idx.to(dev)]
+        out.n = len(idx)
+        out.calls = {layer: call.subset(idx) for layer, call in self.calls.items()}
+        return out
 
     def __call__(self, theta: torch.Tensor) -> torch.Tensor:
         """Target activations with each vector added after block ``src``.

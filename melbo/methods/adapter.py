@@ -33,7 +33,7 @@ from melbo.core.radius import parse_radius
 from melbo.core.slice import Slice, melbo_objective
 from melbo.core.validate import check_int, check_positive
 from melbo.methods.base import Checkpoint, CommonSettings, Context, Fit, vector_info
-from melbo.methods.melbo import BETAS
+from melbo.methods.melbo_train import BETAS
 
 
 @dataclass

@@ -1,36 +1,28 @@
-"""Unsupervised steering vectors (MELBO), exactly as METHOD.md section 1.
+"""Unsupervised steering vectors (MELBO) as a melbo method (METHOD.md section 1).
 
-For each vector ``k = 0..N-1``, one after another:
-
-1. start from a random unit direction, orthogonal to the earlier vectors, scaled to radius R;
-2. each step: compute the objective ``Σ_i (Σ_{t∈I_i} ‖Z_i,t(θ) − Z_i,t(0)‖^p)^(1/q)`` on the
-   truncated ``src -> tgt`` pass; project the gradient onto the tangent space of the R-sphere
-   and onto the orthogonal complement of the earlier vectors; take an AdamW (AMSGrad) step that
-   *raises* the objective; project θ back onto the complement and rescale it to norm R (Adam's
-   per-coordinate scaling breaks both projections, so the post-step projection is required);
-3. record the objective at the start and the end, and the cosine between start and end.
-
-:func:`train_step` works on a ``[V, d_model]`` batch of vectors (V = 1 in the sequential method).
+Vectors of norm R, added after the source block, trained to maximize
+``Σ_i (Σ_{t∈I_i} ‖Z_i,t(θ) − Z_i,t(0)‖^p)^(1/q)``, mutually orthogonal; with the random baseline
+at the same R. ``batch_vectors`` vectors train at once (:mod:`melbo.methods.melbo_train`): 1 is the
+sequential method of METHOD.md (one after another), more train a block jointly; by default as
+many as fit the memory budget ``memory_gb``.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
+from melbo.core.models import LoadedModel, text_config
 from melbo.core.radius import parse_radius
-from melbo.core.slice import Slice, melbo_objective
-from melbo.core.sphere import orthonormal_basis, project_out, random_start, random_vectors, tangent, to_sphere
-from melbo.core.validate import check_int, check_positive
-from melbo.methods.base import Checkpoint, CommonSettings, Context, Fit, perturbations, vector_info
+from melbo.core.slice import Slice
+from melbo.core.sphere import random_vectors
+from melbo.core.validate import check_choice, check_int, check_number, check_positive
+from melbo.methods.base import Checkpoint, CommonSettings, Context, Fit, perturbations
 from melbo.methods.calibrate import resolve_radius
-
-BETAS = (0.9, 0.98)
+from melbo.methods.melbo_train import BETAS, ORTHOGONALIZE, chunked_objective, learning_rate, train_block, train_vector
 
 
 @dataclass
@@ -41,9 +33,14 @@ class MelboSettings(CommonSettings):
         radius: R: a number, ``"<k>x"`` (k × the median residual norm at the source),
             ``"calibrate"`` (METHOD.md section 5) or ``"auto"`` (resolved by the orchestrator's sweep).
         p, q: the objective's powers (> 0). steps: optimizer steps per vector.
-        lr: AdamW learning rate; None gives ``0.011·R/√d_model`` (METHOD.md section 1).
+        lr: AdamW learning rate; None gives ``0.1·R/√d_model`` (:data:`melbo.methods.melbo_train.LR_SCALE`).
         writes_only: measure ``Z(θ) − θ`` (METHOD.md section 5, "The residual path").
         lam: λ of ``radius="calibrate"``.
+        batch_vectors: vectors trained at once (1: sequential; None: as many as fit ``memory_gb``).
+        orthogonalize: within a block, ``symmetric``, ``qr`` or ``none`` (:mod:`melbo.methods.melbo_train`).
+        effect_penalty: weight of the soft orthogonality of the effects δ (0: off).
+        memory_gb: activation memory budget of one step (None: 4 on a CPU, 60% of the free memory
+            on CUDA); larger blocks are evaluated in chunks of vectors and prompts.
     """
 
     radius: str
@@ -53,6 +50,10 @@ class MelboSettings(CommonSettings):
     lr: float | None
     writes_only: bool
     lam: float
+    batch_vectors: int | None
+    orthogonalize: str
+    effect_penalty: float
+    memory_gb: float | None
 
     def check(self) -> None:
         super().check()
@@ -64,91 +65,50 @@ class MelboSettings(CommonSettings):
             self.lr = check_positive("learning rate", self.lr)
         self.lam = check_positive("calibration ratio λ", self.lam)
         self.writes_only = bool(self.writes_only)
+        if self.batch_vectors is not None:
+            self.batch_vectors = check_int("batch of vectors", self.batch_vectors, 1, 100_000)
+        check_choice("orthogonalization", self.orthogonalize, ORTHOGONALIZE)
+        self.effect_penalty = check_number("effect penalty", self.effect_penalty, 0.0)
+        if self.memory_gb is not None:
+            self.memory_gb = check_positive("memory budget (GB)", self.memory_gb)
 
 
-def learning_rate(lr: float | None, radius: float, d_model: int) -> float:
-    """``lr``, or ``0.011·R/√d_model``: Adam moves each coordinate by about lr, so the step
-    relative to the sphere is ≈ lr·√d/R; 0.011 is the reference's lr 1e-3 at R = 4, d = 2048."""
-    return lr if lr is not None else 0.011 * radius / math.sqrt(d_model)
+def row_bytes(lm: LoadedModel, blocks: int, tokens: int, dtype_bytes: int) -> int:
+    """Estimated activation memory of one (vector, prompt) row through ``blocks`` blocks with
+    gradients: per block and token about ``14·d + 3·d_ff`` floats, plus attention scores
+    ``2·heads·T``; doubled for safety. An estimate, not a measurement."""
+    cfg = text_config(lm.model)
+    d = lm.d_model
+    ff = int(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * d)
+    heads = int(getattr(cfg, "num_attention_heads", None) or max(1, d // 64))
+    return 2 * blocks * tokens * (14 * d + 3 * ff + 2 * heads * tokens) * dtype_bytes
 
 
-def make_optimizer(theta: torch.Tensor, lr: float) -> torch.optim.Optimizer:
-    """AdamW with AMSGrad and the reference's betas (0.9, 0.98), weight decay 0."""
-    return torch.optim.AdamW([theta], lr=lr, betas=BETAS, weight_decay=0.0, amsgrad=True)
+def budget_bytes(memory_gb: float | None, device: torch.device) -> float:
+    """The step's memory budget in bytes (see :class:`MelboSettings`)."""
+    if memory_gb is not None:
+        return memory_gb * 1e9
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.6 * free
+    return 4e9
 
 
-def objective_of(slice_: Slice, theta: torch.Tensor, p: float, q: float) -> torch.Tensor:
-    """``[V]`` MELBO objective of the vectors ``theta`` ``[V, d_model]``."""
-    return melbo_objective(slice_(theta), slice_.z0, slice_.mask, p, q)
-
-
-def train_step(
-    slice_: Slice,
-    theta: torch.Tensor,
-    opt: torch.optim.Optimizer,
-    radius: float,
-    p: float,
-    q: float,
-    basis: torch.Tensor | None,
-) -> torch.Tensor:
-    """One projected ascent step on ``theta`` ``[V, d_model]`` (a leaf that requires grad).
-
-    Returns:
-        the ``[V]`` objective *before* the step (detached).
-    """
-    opt.zero_grad(set_to_none=True)
-    obj = objective_of(slice_, theta, p, q)
-    (-obj.sum()).backward()
-    grad = theta.grad
-    assert grad is not None  # backward() just filled it
-    with torch.no_grad():
-        theta.grad = tangent(project_out(grad, basis), theta)
-    opt.step()
-    with torch.no_grad():
-        theta.copy_(to_sphere(project_out(theta, basis), radius))
-    return obj.detach()
-
-
-def train_vector(
-    slice_: Slice,
-    index: int,
-    radius: float,
-    p: float,
-    q: float,
-    steps: int,
-    lr: float,
-    seed: int,
-    earlier: torch.Tensor | None,
-    progress: tqdm | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Train vector ``index``, orthogonal to ``earlier`` ``[k, d_model]`` (may be None).
-
-    Returns:
-        ``(vector [d_model], start [d_model], info)``, both float32 of norm R; ``info`` holds the
-        objective at the start and the end, the cosine between start and end and the seconds.
-    """
-    t0 = time.perf_counter()
-    device = slice_.h_src.device
-    basis = orthonormal_basis(earlier.to(device)) if earlier is not None and len(earlier) else None
-    start = random_start(index, slice_.d_model, radius, seed, basis.cpu() if basis is not None else None)
-    theta = start.to(device)[None].clone().requires_grad_(True)
-    opt = make_optimizer(theta, lr)
-    first = None
-    for _ in range(steps):
-        obj = train_step(slice_, theta, opt, radius, p, q, basis).item()
-        first = obj if first is None else first
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(vector=index, objective=f"{obj:.4g}", refresh=False)
-    with torch.no_grad():
-        final = objective_of(slice_, theta, p, q).item()
-    vec = theta.detach()[0].float().cpu()
-    cos = torch.nn.functional.cosine_similarity(vec.double(), start.double(), dim=0).item()
-    return vec, start, vector_info(final, final if first is None else first, cos, time.perf_counter() - t0)
+def plan_batches(
+    num_vectors: int, n_prompts: int, per_row: int, budget: float, batch_vectors: int | None
+) -> tuple[int, int, int]:
+    """``(B, vectors per chunk, prompts per chunk)``: the block size (``batch_vectors``, or as many
+    as fit the budget, at most ``num_vectors``) and the chunks a step is evaluated in."""
+    rows = max(1, int(budget // max(1, per_row)))
+    B = batch_vectors or max(1, min(num_vectors, rows // max(1, n_prompts)))
+    B = min(B, num_vectors)
+    prompts = min(n_prompts, rows)
+    vectors = max(1, min(B, rows // max(1, prompts)))
+    return B, vectors, prompts
 
 
 class MelboMethod:
-    """MELBO steering vectors, trained one after another (module docstring). Resumable per vector."""
+    """MELBO steering vectors (module docstring). Resumable per block of vectors."""
 
     name: ClassVar[str] = "melbo"
     kind: ClassVar[str] = "vector"
@@ -161,7 +121,14 @@ class MelboMethod:
         self.residual_norm = self.slice.residual_norm()
         self.radius, calibration = resolve_radius(s.radius, self.residual_norm, ctx, s.writes_only, s.lam, s.seed)
         self.lr = learning_rate(s.lr, self.radius, self.slice.d_model)
+        dtype_bytes = torch.finfo(self.slice.h_src.dtype).bits // 8
+        per_row = row_bytes(ctx.lm, ctx.tgt - ctx.src, self.slice.h_src.shape[1], dtype_bytes)
+        self.batch, self.vector_chunk, self.prompt_chunk = plan_batches(
+            s.num_vectors, self.slice.n, per_row, budget_bytes(s.memory_gb, self.slice.h_src.device), s.batch_vectors
+        )
         self.meta = {
+            "batch_vectors_used": self.batch,
+            "chunks": {"vectors": self.vector_chunk, "prompts": self.prompt_chunk},
             "radius": self.radius,
             "residual_norm": self.residual_norm,
             "lr": self.lr,
@@ -175,29 +142,40 @@ class MelboMethod:
         vectors = resume.tensors["vectors"] if resume else torch.zeros(0, d)
         starts = resume.tensors["start_vectors"] if resume else torch.zeros(0, d)
         info = list(resume.info) if resume else []
-        todo = range(len(vectors), s.num_vectors)
         with tqdm(
-            total=len(todo) * s.steps,
+            total=(s.num_vectors - len(vectors)) * s.steps,
             desc="MELBO vectors",
-            unit="step",
+            unit="vector-step",
             dynamic_ncols=True,
             disable=not self.ctx.show_progress,
         ) as bar:
-            for k in todo:
-                vec, start, row = train_vector(
-                    self.slice,
-                    k,
-                    self.radius,
-                    s.p,
-                    s.q,
-                    s.steps,
-                    self.lr,
-                    s.seed,
-                    vectors if len(vectors) else None,
-                    bar,
-                )
-                vectors, starts = torch.cat([vectors, vec[None]]), torch.cat([starts, start[None]])
-                info.append(row)
+            for k in range(len(vectors), s.num_vectors, self.batch):
+                idx = list(range(k, min(s.num_vectors, k + self.batch)))
+                earlier = vectors if len(vectors) else None
+                if len(idx) == 1 and self.prompt_chunk >= self.slice.n:  # the sequential reference
+                    vec, start, row = train_vector(
+                        self.slice, k, self.radius, s.p, s.q, s.steps, self.lr, s.seed, earlier, bar
+                    )
+                    vec, start, rows = vec[None], start[None], [row]
+                else:
+                    vec, start, rows = train_block(
+                        self.slice,
+                        idx,
+                        self.radius,
+                        s.p,
+                        s.q,
+                        s.steps,
+                        self.lr,
+                        s.seed,
+                        earlier,
+                        s.orthogonalize,
+                        s.effect_penalty,
+                        self.vector_chunk,
+                        self.prompt_chunk,
+                        bar,
+                    )
+                vectors, starts = torch.cat([vectors, vec]), torch.cat([starts, start])
+                info += rows
                 if checkpoint is not None:
                     checkpoint(Fit({"vectors": vectors, "start_vectors": starts}, list(info)))
         return Fit({"vectors": vectors, "start_vectors": starts}, info)
@@ -206,10 +184,7 @@ class MelboMethod:
         return {"random_vectors": random_vectors(len(fit), self.slice.d_model, self.radius, self.ctx.settings.seed)}
 
     def objectives(self, tensors: dict[str, torch.Tensor]) -> list[float]:
-        v = perturbations(tensors)
+        v = perturbations(tensors).to(self.slice.h_src.device)
         s = self.ctx.settings
-        out = []
         with torch.no_grad():
-            for chunk in torch.split(v, 64):
-                out += objective_of(self.slice, chunk.to(self.slice.h_src.device), s.p, s.q).cpu().tolist()
-        return out
+            return chunked_objective(self.slice, v, s.p, s.q, self.vector_chunk, self.prompt_chunk, False).tolist()

@@ -1,21 +1,24 @@
-"""``radius="auto"``: choose R where learned completions are most diverse (METHOD.md section 4 and
-the post's comments: "for Llama3.2-1B the diversity appears to decay after the cusp value for R;
-picking R at highest average diversity was a decent heuristic").
+"""``radius="auto"``: choose R where learned completions are most diverse while still coherent
+(METHOD.md section 4 and the post's comments: "for Llama3.2-1B the diversity appears to decay after
+the cusp value for R; picking R at highest average diversity was a decent heuristic").
 
-For each R of a log grid (multiples of the median residual norm at the source), a few
-perturbations are trained with the run's method and settings (fewer steps), and as many random
-ones are drawn at the same R; each writes a greedy completion of every prompt. Completions are
-embedded with a sentence-transformers model (:mod:`melbo.embed`) and scored per group:
+For each R of a log grid (relative radii ``kx``, factor 2 apart, ascending: multiples of the
+median residual norm at the source for vectors; for adapters, what their random starts add to the
+MLP output, :mod:`melbo.methods.adapter`), a few perturbations are trained with the run's method
+and settings (fewer steps), and as many random ones are drawn at the same R; each writes a
+greedy completion of every prompt. Completions are scored per group (:mod:`melbo.quality`, :mod:`melbo.embed`):
 
-- ``changed``: share of completions that differ from the unsteered one;
-- ``coherent``: share that are fluent text, :func:`coherent` (not a loop of repeated words, and
-  not far less likely under the unsteered model than its own completion);
+- ``changed``: share that differ from the unsteered completion (as strings);
+- ``coherent``: share that are coherent text (:func:`melbo.quality.is_coherent`);
+- ``different``: share that are coherent *and* differ in meaning from the unsteered completion
+  (embedding distance above :data:`melbo.quality.DIFFERENT`);
 - ``diversity``: mean pairwise cosine distance of the embeddings of the coherent completions,
-  with the unsteered completion among them (so that "nothing changed" scores 0);
+  the unsteered one among them (so that "nothing changed" scores 0);
 - ``score = diversity × coherent``: what the cusp maximizes.
 
-The chosen R is the grid point of the highest learned score (:func:`pick_cusp`); the random
-baseline is swept the same way and reported beside it.
+The chosen R is the grid point of the highest learned score (:func:`pick_cusp`). The sweep stops
+early once the learned completions have turned incoherent (coherent share below 1/4 at two grid
+points in a row after the best one). The random baseline is swept the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import dataclasses
 import math
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,68 +36,66 @@ import torch
 
 from melbo.bank import Bank
 from melbo.core.errors import MelboError
-from melbo.core.generate import GenerationConfig
+from melbo.core.generate import GenerationConfig, generate_rows
 from melbo.core.io import write_json
 from melbo.core.models import LoadedModel
-from melbo.core.prompts import encode_prompts, format_prompt
+from melbo.core.prompts import encode_prompts
 from melbo.core.slice import Slice
-from melbo.embed import embed, mean_pairwise_distance
+from melbo.embed import distance_to, embed, mean_pairwise_distance
 from melbo.methods.base import Context
 from melbo.methods.registry import get_method
+from melbo.quality import DIFFERENT, is_coherent, token_logprobs
 from melbo.report.plot import plot_sweep
 
 SWEEP_FILE, SWEEP_PLOT = "radius_sweep.json", "radius_sweep.png"
-GRID = tuple(float(x) for x in np.geomspace(0.005, 1.0, 9))
-"""Default grid, in multiples of the median residual norm at the source (0.005x to 1x)."""
-
-
-def repetition(text: str) -> float:
-    """Share of repeated word 3-grams in ``text`` (0: none repeat; near 1: one phrase looping)."""
-    words = text.split()
-    grams = [tuple(words[i : i + 3]) for i in range(max(0, len(words) - 2))]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
-
-
-def token_logprob(lm: LoadedModel, prompt: str, completion: str, chat: bool = False) -> float:
-    """Mean log-probability (nats per token) of ``completion`` after ``prompt`` under the
-    unsteered model; ``-inf`` for an empty completion."""
-    tok = lm.tokenizer
-    text = format_prompt(tok, prompt, chat)
-    special = not (chat and getattr(tok, "chat_template", None))
-    p_ids = tok(text, add_special_tokens=special)["input_ids"]
-    c_ids = tok(completion, add_special_tokens=False)["input_ids"]
-    if not c_ids:
-        return -math.inf
-    ids = torch.tensor([p_ids + c_ids], device=lm.device)
-    with torch.no_grad():
-        logp = lm.model(input_ids=ids, use_cache=False).logits[0, len(p_ids) - 1 : -1].float().log_softmax(-1)
-    return float(logp.gather(-1, ids[0, len(p_ids) :, None]).mean())
-
-
-def coherent(
-    text: str, logprob: float, base_logprob: float, max_repetition: float = 0.5, max_drop: float = 3.0
-) -> bool:
-    """Whether a completion is fluent text: at most ``max_repetition`` repeated 3-grams and a
-    mean token log-probability under the unsteered model at most ``max_drop`` nats below that
-    of the unsteered completion."""
-    return bool(text.strip()) and repetition(text) <= max_repetition and logprob >= base_logprob - max_drop
+GRID = tuple(float(0.0025 * 2**k) for k in range(10))
+"""Default grid, in multiples of the median residual norm at the source: 0.0025x to 1.28x, factor 2."""
 
 
 def group_scores(texts: list[str], base: str, emb: torch.Tensor, base_emb: torch.Tensor, ok: list[bool]) -> dict:
-    """``changed``, ``coherent``, ``diversity``, ``distance_to_unsteered`` and ``score`` of one group."""
+    """``changed``, ``coherent``, ``different``, ``diversity``, ``distance_to_unsteered`` and
+    ``score`` of one group of completions of one prompt (module docstring)."""
     n = max(1, len(texts))
     keep = [i for i, k in enumerate(ok) if k]
     pool = torch.cat([base_emb[None], emb[keep]]) if keep else base_emb[None]
-    div = mean_pairwise_distance(pool)
-    dist = float((1 - emb.double() @ base_emb.double()).mean()) if len(texts) else 0.0
+    dist = distance_to(emb, base_emb) if len(texts) else torch.zeros(0)
     coh = len(keep) / n
+    div = mean_pairwise_distance(pool)
     return {
         "changed": sum(t != base for t in texts) / n,
         "coherent": coh,
+        "different": sum(bool(ok[i]) and float(dist[i]) > DIFFERENT for i in range(len(texts))) / n,
         "diversity": div,
-        "distance_to_unsteered": dist,
+        "distance_to_unsteered": float(dist.mean()) if len(texts) else 0.0,
         "score": div * coh,
     }
+
+
+def score_completions(
+    lm: LoadedModel,
+    prompts: list[str],
+    groups: dict[str, list[list[str]]],
+    base: list[str],
+    chat: bool = False,
+    embedder: str | None = None,
+) -> dict[str, dict]:
+    """Scores (:func:`group_scores`, averaged over prompts) of each group of completions:
+    ``groups[name][v][i]`` is perturbation ``v``'s completion of prompt ``i``."""
+    names = list(groups)
+    flat = [c for name in names for comp in groups[name] for c in comp]
+    emb = embed(flat + base, embedder)
+    out, k = {}, 0
+    for name in names:
+        comps = groups[name]
+        idx = {i: [k + v * len(prompts) + i for v in range(len(comps))] for i in range(len(prompts))}
+        k += len(comps) * len(prompts)
+        per = []
+        for i, prompt in enumerate(prompts):
+            texts = [comps[v][i] for v in range(len(comps))]
+            ok = [is_coherent(t, token_logprobs(lm, prompt, t, chat)) for t in texts]
+            per.append(group_scores(texts, base[i], emb[idx[i]], emb[len(flat) + i], ok))
+        out[name] = {key: float(np.mean([p[key] for p in per])) for key in per[0]} if per else {}
+    return out
 
 
 def pick_cusp(radii: list[float], scores: list[float]) -> int:
@@ -119,39 +121,43 @@ def sweep_radius(
     tgt: int,
     gen: GenerationConfig,
     grid: tuple[float, ...] = GRID,
-    per_radius: int = 4,
-    steps: int | None = 100,
-    max_new_tokens: int = 48,
+    per_radius: int = 3,
+    steps: int | None = 60,
+    max_new_tokens: int = 32,
     embedder: str | None = None,
     show_progress: bool = False,
+    echo: Any = None,
 ) -> dict:
     """Sweep R for ``method`` (module docstring) and return the curve and the chosen R.
 
     Args:
         settings: the run's checked settings (its radius is ignored; ``num_vectors`` becomes
-            ``per_radius``; ``steps`` is capped at ``steps`` when the method trains).
-        grid: multiples of the median residual norm at the source.
+            ``per_radius``; ``steps`` is capped at ``steps``; DCT fits ``4 × per_radius`` factors).
+        grid: multiples of the median residual norm at the source, ascending.
+        echo: called with one line per grid point as it finishes (progress for people).
 
     Returns:
-        ``{"grid": [...], "residual_norm", "rows": [{"radius", "relative", "learned": scores,
-        "random": scores, "seconds"}], "chosen": {"radius", "relative", "index"},
-        "completions": {...}, "embedder", "rule"}``.
+        ``{"grid", "residual_norm", "rows": [{"radius", "relative", "learned": scores, "random":
+        scores, "seconds"}], "chosen": {"radius", "relative", "index"}, "unsteered",
+        "completions", "embedder", "rule", ...}``.
     """
     cls = get_method(method)
     batch = encode_prompts(lm.tokenizer, prompts, settings.positions, settings.chat)
     norm = Slice(lm.model, lm.blocks, batch, src, tgt).residual_norm()
     g = dataclasses.replace(gen, max_new_tokens=max_new_tokens, temperature=0.0)
     fields = {f.name: getattr(g, f.name) for f in dataclasses.fields(g)}
-    base = Bank({"vectors": torch.zeros(1, lm.d_model)}, {"prompts": prompts, "source_layer": src}, lm)
-    base_texts = base.generate(prompts, unsteered=True, **fields)["unsteered"]
-    base_lp = [token_logprob(lm, p, c, settings.chat) for p, c in zip(prompts, base_texts)]
-    rows, comps = [], {}
-    for rel in grid:
+    base = generate_rows(lm, prompts, 1, lambda rows: nullcontext(), g)[0]
+    rows: list[dict] = []
+    comps: dict[str, list[str]] = {}
+    over: dict[str, Any] = {"num_vectors": per_radius}
+    if steps is not None and hasattr(settings, "steps"):
+        over["steps"] = min(settings.steps, steps)
+    if hasattr(settings, "factors"):
+        over["factors"] = min(settings.factors or 4 * per_radius, 4 * per_radius)
+    low_after_best = 0
+    for rel in sorted(grid):
         t0 = time.perf_counter()
-        over: dict[str, Any] = {"radius": f"{rel * norm:.6g}", "num_vectors": per_radius}
-        if steps is not None and hasattr(settings, "steps"):
-            over["steps"] = min(settings.steps, steps)
-        s = dataclasses.replace(settings, **over)
+        s = dataclasses.replace(settings, radius=f"{rel:.6g}x", **over)  # each method reads kx its own way
         m = cls(Context(lm, batch, src, tgt, s, show_progress))
         fit = m.fit(None, None)
         bank = Bank(
@@ -166,58 +172,47 @@ def sweep_radius(
             lm,
         )
         k = min(per_radius, len(bank))
-        row: dict[str, Any] = {"radius": m.radius, "relative": rel}
-        for kind, b in (("learned", bank), ("random", bank.random)):
-            out = b.generate(prompts, vectors=list(range(k)), unsteered=False, **fields)  # type: ignore[union-attr]
-            texts = [c for v in out.values() for c in v]
-            who = [i for _ in out for i in range(len(prompts))]
-            lps = [token_logprob(lm, prompts[i], t, settings.chat) for t, i in zip(texts, who)]
-            ok = [coherent(t, lp, base_lp[i]) for t, lp, i in zip(texts, lps, who)]
-            emb = embed(texts + base_texts, embedder)
-            per = [
-                group_scores(
-                    [t for t, i in zip(texts, who) if i == j],
-                    base_texts[j],
-                    emb[[n for n, i in enumerate(who) if i == j]],
-                    emb[len(texts) + j],
-                    [o for o, i in zip(ok, who) if i == j],
-                )
-                for j in range(len(prompts))
-            ]
-            row[kind] = {key: float(np.mean([p[key] for p in per])) for key in per[0]}
-            comps[f"{kind}@{rel:.4g}x"] = texts
-        row["seconds"] = time.perf_counter() - t0
+        rand = bank.random
+        assert rand is not None
+        groups = {
+            kind: list(b.generate(prompts, vectors=list(range(k)), unsteered=False, **fields).values())
+            for kind, b in (("learned", bank), ("random", rand))
+        }
+        row: dict[str, Any] = {
+            "radius": m.radius,
+            "relative": rel,
+            **score_completions(lm, prompts, groups, base, settings.chat, embedder),
+            "seconds": time.perf_counter() - t0,
+        }
         rows.append(row)
+        for kind, group in groups.items():
+            comps[f"{kind}@{rel:.4g}x"] = [c for v in group for c in v]
+        if echo is not None:
+            L, Q = row["learned"], row["random"]
+            echo(
+                f"  R = {m.radius:.4g} ({rel:.3g}x): learned coherent {L['coherent']:.2f}, different "
+                f"{L['different']:.2f}, diversity {L['diversity']:.3f} | random coherent {Q['coherent']:.2f}, "
+                f"different {Q['different']:.2f}, diversity {Q['diversity']:.3f}  ({row['seconds']:.0f} s)"
+            )
+        best = max(r["learned"]["score"] for r in rows)
+        past_best = row["learned"]["score"] < best
+        low_after_best = low_after_best + 1 if past_best and row["learned"]["coherent"] < 0.25 else 0
+        if low_after_best >= 2:
+            break
     i = pick_cusp([r["radius"] for r in rows], [r["learned"]["score"] for r in rows])
     return {
-        "grid": list(grid),
+        "grid": sorted(grid),
         "residual_norm": norm,
         "rows": rows,
-        "unsteered": base_texts,
+        "unsteered": base,
         "chosen": {"radius": rows[i]["radius"], "relative": rows[i]["relative"], "index": i},
         "per_radius": per_radius,
         "steps": over.get("steps"),
         "max_new_tokens": max_new_tokens,
         "embedder": embedder or os.environ.get("MELBO_EMBEDDER") or "all-MiniLM-L6-v2",
-        "rule": "argmax over R of diversity × coherent share of the learned completions",
+        "rule": "argmax over R of diversity x coherent share of the learned completions",
         "completions": comps,
     }
-
-
-def sweep_table(sweep: dict) -> str:
-    """The sweep as a text table (one line per R, learned and random)."""
-    lines = [
-        "      R   (x norm) | learned: changed coherent diversity score | random: changed coherent diversity score"
-    ]
-    for i, r in enumerate(sweep["rows"]):
-        L, Q = r["learned"], r["random"]
-        mark = "  <- chosen" if i == sweep["chosen"]["index"] else ""
-        lines.append(
-            f"{r['radius']:9.4g} ({r['relative']:6.3g}x) |   {L['changed']:6.2f} {L['coherent']:8.2f} "
-            f"{L['diversity']:9.3f} {L['score']:5.3f} |  {Q['changed']:6.2f} {Q['coherent']:8.2f} "
-            f"{Q['diversity']:9.3f} {Q['score']:5.3f}{mark}"
-        )
-    return "\n".join(lines)
 
 
 def write_sweep(folder: str | os.PathLike, sweep: dict) -> list[Path]:

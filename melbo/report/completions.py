@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from melbo.bank import Bank
+from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
 from melbo.core.io import write_jsonl
+from melbo.embed import distance_to, embed
+from melbo.quality import DIFFERENT, is_coherent, token_logprobs
 
 COMPLETIONS = "completions.jsonl"
 
@@ -88,12 +91,43 @@ def evaluate_bank(
                         "similarity": round(similarity(comp[i], base[i]), 4),
                     }
                 )
+    lm = bank.model()
+    quality = {
+        (r["kind"], r["vector"], r["prompt"]): is_coherent(
+            r["completion"], token_logprobs(lm, r["prompt"], r["completion"], generation.chat)
+        )
+        for r in rows
+    }
+    try:
+        emb = embed([r["completion"] for r in rows])
+        base_emb = {r["prompt"]: emb[j] for j, r in enumerate(rows) if r["kind"] == "unsteered"}
+        dist: dict | None = {
+            (r["kind"], r["vector"], r["prompt"]): float(distance_to(emb[j : j + 1], base_emb[r["prompt"]])[0])
+            for j, r in enumerate(rows)
+        }
+    except MelboError:  # no sentence-embedding model installed: coherence only
+        dist = None
+    for r in rows:
+        key = (r["kind"], r["vector"], r["prompt"])
+        r["coherent"] = quality[key]
+        if dist is not None:
+            r["embedding_distance"] = round(dist[key], 4)
     if out is not None:
         write_jsonl(Path(out) / COMPLETIONS, rows)
     train = [i for i, s in enumerate(split) if s == "train"]
+    qual: dict[str, dict] = {}
+    for kind in ("learned", "random"):
+        mine = [r for r in rows if r["kind"] == kind and r["split"] == "train"]
+        n = max(1, len(mine))
+        qual[kind] = {
+            "coherent_train": sum(r["coherent"] for r in mine) / n,
+            "coherent_and_different_train": None
+            if dist is None
+            else sum(r["coherent"] and r["embedding_distance"] > DIFFERENT for r in mine) / n,
+        }
     return {
-        "learned": group_stats(L, base, train, l_obj),
-        "random": group_stats(R, base, train, r_obj),
+        "learned": {**group_stats(L, base, train, l_obj), **qual["learned"]},
+        "random": {**group_stats(R, base, train, r_obj), **qual["random"]},
         "unsteered": base[: len(train_prompts)],
         "completions": {"learned": L, "random": R},
         "prompts": prompts,

@@ -150,6 +150,7 @@ def plot_sweep(path: str | os.PathLike, sweep: dict) -> Path:
         for key, color in (
             ("diversity", "tab:blue"),
             ("coherent", "tab:green"),
+            ("different", "tab:purple"),
             ("changed", "tab:orange"),
             ("score", "tab:red"),
         ):

@@ -83,6 +83,27 @@ def settings_line(meta: dict) -> str:
     )
 
 
+def sweep_table(sweep: dict) -> str:
+    """The sweep as a text table (one line per R, learned and random)."""
+    lines = [
+        "      R   (x norm) | learned: changed coherent diversity score | random: changed coherent diversity score"
+    ]
+    for i, r in enumerate(sweep["rows"]):
+        L, Q = r["learned"], r["random"]
+        mark = "  <- chosen" if i == sweep["chosen"]["index"] else ""
+        lines.append(
+            f"{r['radius']:9.4g} ({r['relative']:6.3g}x) |   {L['changed']:6.2f} {L['coherent']:8.2f} "
+            f"{L['diversity']:9.3f} {L['score']:5.3f} |  {Q['changed']:6.2f} {Q['coherent']:8.2f} "
+            f"{Q['diversity']:9.3f} {Q['score']:5.3f}{mark}"
+        )
+    return "\n".join(lines)
+
+
+def share(x: float | None) -> str:
+    """A share as a percentage ('-' when not measured)."""
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
 def summary_markdown(bank: Bank, ev: dict[str, Any]) -> str:
     """The Markdown of ``summary.md`` for ``bank`` and its evaluation
     (:func:`melbo.report.completions.evaluate_bank`)."""
@@ -93,12 +114,19 @@ def summary_markdown(bank: Bank, ev: dict[str, Any]) -> str:
         "",
         settings_line(meta),
         "",
-        "| | perturbations | change the greedy completion of a training prompt | mean objective | "
-        "mean similarity to unsteered |",
-        "|---|---|---|---|---|",
-        f"| learned | {L['n']} | {L['changed_train']} | {L['mean_objective']:.4g} | {L['mean_similarity_train']:.3f} |",
-        f"| random (same R) | {R['n']} | {R['changed_train']} | {R['mean_objective']:.4g} | "
-        f"{R['mean_similarity_train']:.3f} |",
+        "| | perturbations | change the greedy completion of a training prompt | coherent | coherent and "
+        "different | mean objective | mean similarity to unsteered |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {x['n']} | {x['changed_train']} | {share(x.get('coherent_train'))} | "
+            f"{share(x.get('coherent_and_different_train'))} | {x['mean_objective']:.4g} | "
+            f"{x['mean_similarity_train']:.3f} |"
+            for name, x in (("learned", L), ("random (same R)", R))
+        ),
+        "",
+        "Coherent: at most 15% of the completion's tokens have probability below e^-6 under the unsteered "
+        "model, and it is not a loop (melbo.quality); different: its sentence embedding is more than 0.15 "
+        "(cosine distance) from the unsteered completion's.",
         "",
     ]
     if len(bank) > ev["evaluated"]:
@@ -142,6 +170,18 @@ def summary_markdown(bank: Bank, ev: dict[str, Any]) -> str:
         for k in range(shown):
             u = f"{unsteered[k]:.4g}" if k < len(unsteered) else "-"
             lines.append(f"| {k} | {float(bank.vectors[k].double().norm()):.4g} | {kl[k]:.4g} | {u} |")
+    if meta.get("radius_sweep"):
+        sw = meta["radius_sweep"]
+        lines += [
+            "",
+            f"R was chosen by the diversity sweep ({sw['rule']}; {sw['per_radius']} learned and random "
+            f"perturbations per R, {sw['steps']} steps, {sw['max_new_tokens']} new tokens, embeddings "
+            f"{sw['embedder']}; radius_sweep.json, radius_sweep.png):",
+            "",
+            "```",
+            sweep_table(sw),
+            "```",
+        ]
     n_train = len(meta.get("prompts", []))
     for i, prompt in enumerate(ev["prompts"][:n_train]):
         lines += [

@@ -46,6 +46,8 @@ def train_args(model_dir, out, *extra):
         "The cat sat.",
         "--num-vectors",
         "2",
+        "--batch-vectors",
+        "1",
         "--steps",
         "5",
         "--radius",
@@ -210,7 +212,7 @@ def test_help_shows_defaults(capsys):
     assert code == 0
     for text in (
         "--radius",
-        "radius: '0.2x'",
+        "radius: 'auto'",
         "--p",
         "p: 2.0",
         "--positions",

@@ -92,6 +92,6 @@ def test_batch_dependent_inputs_found_by_probe():
     s = Slice(lm.model, lm.blocks, batch, 0, 2)
     call = s.calls[1]
     alibi = call.kwargs["alibi"]
-    assert alibi.shape[0] == len(PROMPTS) * lm.model.config.n_head and call.mask[1]["alibi"] is True
+    assert alibi.shape[0] == len(PROMPTS) * lm.model.config.n_head and call.mask[1]["alibi"] == lm.model.config.n_head
     z = s(torch.randn(3, lm.d_model))
     assert z.shape[0] == 3 and torch.isfinite(z).all()

@@ -25,7 +25,7 @@ from melbo.methods.adapter import (
     random_adapters,
 )
 from melbo.methods.base import Context, Fit, make_settings
-from melbo.methods.melbo import BETAS
+from melbo.methods.melbo_train import BETAS
 
 PROMPTS = ["Hello there, friend", "The cat sat"]
 

@@ -12,13 +12,17 @@ from melbo.core.prompts import encode_prompts
 from melbo.core.slice import Slice, melbo_objective
 from melbo.core.sphere import max_abs_cos, orthonormal_basis, random_start, random_vectors
 from melbo.methods.base import Context, Fit, make_settings
-from melbo.methods.melbo import (
+from melbo.methods.melbo import MelboMethod, MelboSettings, plan_batches
+from melbo.methods.melbo_train import (
     BETAS,
-    MelboMethod,
-    MelboSettings,
+    batch_step,
+    block_starts,
+    chunked_objective,
     learning_rate,
     make_optimizer,
     objective_of,
+    orthonormal_block,
+    train_block,
     train_step,
     train_vector,
 )
@@ -70,7 +74,7 @@ def test_learned_beats_random_at_same_radius():
 def test_fast_path_equals_naive_method(arch, p, q, positions):
     lm = tiny_loaded(arch)
     src, tgt, R, steps = 0, 2, 2.0, 12
-    m = make_method(lm, positions, src, tgt, radius=R, p=p, q=q, num_vectors=2, steps=steps, seed=3)
+    m = make_method(lm, positions, src, tgt, radius=R, p=p, q=q, num_vectors=2, steps=steps, seed=3, batch_vectors=1)
     fast = m.fit(None, None).tensors
     lr = learning_rate(None, R, lm.d_model)
     assert m.lr == lr
@@ -104,11 +108,11 @@ def test_train_step_returns_objective_before_the_step():
 
 
 def test_lr_scales_with_radius():
-    assert learning_rate(None, 4.0, 2048) == pytest.approx(0.011 * 4 / 2048**0.5)
+    assert learning_rate(None, 4.0, 2048) == pytest.approx(0.1 * 4 / 2048**0.5)
     assert learning_rate(0.5, 4.0, 2048) == 0.5
     lm = tiny_loaded("llama")
     m = make_method(lm, radius=4.0)
-    assert m.meta["lr"] == pytest.approx(0.011 * 4 / lm.d_model**0.5) and m.meta["radius"] == 4.0
+    assert m.meta["lr"] == pytest.approx(0.1 * 4 / lm.d_model**0.5) and m.meta["radius"] == 4.0
 
 
 def test_relative_radius_uses_the_median_residual_norm():
@@ -147,10 +151,10 @@ def test_unknown_setting_is_refused():
 
 def test_resume_continues_from_done_vectors():
     lm = tiny_loaded("qwen2")
-    full = make_method(lm, radius=2.0, num_vectors=3, steps=8).fit(None, None)
-    part = make_method(lm, radius=2.0, num_vectors=2, steps=8).fit(None, None)
+    full = make_method(lm, radius=2.0, num_vectors=3, steps=8, batch_vectors=1).fit(None, None)
+    part = make_method(lm, radius=2.0, num_vectors=2, steps=8, batch_vectors=1).fit(None, None)
     calls = []
-    rest = make_method(lm, radius=2.0, num_vectors=3, steps=8).fit(
+    rest = make_method(lm, radius=2.0, num_vectors=3, steps=8, batch_vectors=1).fit(
         Fit(part.tensors, part.info), lambda f: calls.append(len(f))
     )
     assert calls == [3] and len(rest) == 3
@@ -161,7 +165,7 @@ def test_resume_continues_from_done_vectors():
 
 def test_resume_through_train(tmp_path):
     lm = tiny_loaded("qwen2")
-    kw = dict(radius=2.0, steps=8, source_layer=0, target_layer=2, show_progress=False)
+    kw = dict(radius=2.0, steps=8, source_layer=0, target_layer=2, show_progress=False, batch_vectors=1)
     full = melbo.train(lm, PROMPTS, num_vectors=3, **kw)
     out = tmp_path / "run"
     melbo.train(lm, PROMPTS, num_vectors=2, out=out, evaluate=False, **kw)
@@ -171,3 +175,85 @@ def test_resume_through_train(tmp_path):
     torch.testing.assert_close(melbo.Bank.load(out).vectors, bank.vectors)
     with pytest.raises(MelboError, match="p=2.0"):
         melbo.train(lm, PROMPTS, num_vectors=4, out=out, resume=True, evaluate=False, p=4.0, **kw)
+
+
+# ---------------------------------------------------------------- batched vectors
+
+
+def test_batched_step_equals_sequential_step_for_one_vector():
+    lm = tiny_loaded("llama")
+    s = make_slice(lm)
+    earlier = random_vectors(2, lm.d_model, 2.0, 5)
+    basis = orthonormal_basis(earlier)
+    start = block_starts([2], lm.d_model, 2.0, 0, basis)
+    torch.testing.assert_close(start[0], random_start(2, lm.d_model, 2.0, 0, basis), rtol=0, atol=0)
+    a = start.clone().requires_grad_(True)
+    b = start.clone().requires_grad_(True)
+    opt_a, opt_b = make_optimizer(a, 0.05), make_optimizer(b, 0.05)
+    for _ in range(5):
+        oa = train_step(s, a, opt_a, 2.0, 2, 1, basis)
+        ob = batch_step(s, b, opt_b, 2.0, 2, 1, basis)
+        torch.testing.assert_close(oa, ob, rtol=0, atol=0)
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["symmetric", "qr"])
+def test_a_block_from_the_same_starts_keeps_the_constraints(how):
+    lm = tiny_loaded("gpt2")
+    s = make_slice(lm)
+    earlier = random_vectors(3, lm.d_model, 1.5, 9)
+    vecs, starts, infos = train_block(s, [3, 4, 5, 6], 1.5, 2, 1, 15, 0.05, 0, earlier, how)
+    again, starts2, _ = train_block(s, [3, 4, 5, 6], 1.5, 2, 1, 15, 0.05, 0, earlier, how)
+    torch.testing.assert_close(starts, starts2, rtol=0, atol=0)  # same starts, same result
+    torch.testing.assert_close(vecs, again, rtol=0, atol=0)
+    torch.testing.assert_close(
+        vecs.double().norm(dim=-1), torch.full((4,), 1.5, dtype=torch.float64), rtol=1e-6, atol=0
+    )
+    allv = torch.cat([earlier, vecs]).double()
+    cos = (allv @ allv.T) / 1.5**2
+    assert (cos - torch.eye(7, dtype=torch.float64)).abs().max() <= 1e-5
+    assert all(i["objective"] > i["start_objective"] for i in infos)
+    assert orthonormal_block(torch.randn(3, 8), 2.0, "none").norm(dim=-1).allclose(torch.full((3,), 2.0))
+
+
+def test_chunked_evaluation_equals_unchunked():
+    lm = tiny_loaded("bloom")
+    s = Slice(lm.model, lm.blocks, encode_prompts(lm.tokenizer, PROMPTS + ["A third prompt"], "all"), 0, 2)
+    theta = random_vectors(5, lm.d_model, 2.0, 1)
+    full = chunked_objective(s, theta, 2, 1, 5, 3, False)
+    torch.testing.assert_close(full, objective_of(s, theta, 2, 1))
+    for v, p in ((1, 1), (2, 2), (5, 1), (3, 3)):
+        torch.testing.assert_close(chunked_objective(s, theta, 2, 1, v, p, False), full, rtol=1e-5, atol=0)
+    a = theta.clone().requires_grad_(True)
+    b = theta.clone().requires_grad_(True)
+    oa, ob = make_optimizer(a, 0.05), make_optimizer(b, 0.05)
+    for _ in range(3):
+        batch_step(s, a, oa, 2.0, 2, 1, None)
+        batch_step(s, b, ob, 2.0, 2, 1, None, vectors_per_chunk=2, prompts_per_chunk=1)
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_effect_penalty_decorrelates_the_effects():
+    from melbo.methods.melbo_train import effect_cosines
+
+    lm = tiny_loaded("llama")
+    s = make_slice(lm)
+
+    def mean_cos2(vecs):
+        c = effect_cosines(s(vecs), s.z0, s.mask)
+        return float((c.pow(2).sum() - c.diagonal().pow(2).sum()) / (len(c) * (len(c) - 1)))
+
+    plain, _, _ = train_block(s, [0, 1, 2, 3], 2.0, 2, 1, 40, 0.05, 0, None, "symmetric", 0.0)
+    soft, _, _ = train_block(s, [0, 1, 2, 3], 2.0, 2, 1, 40, 0.05, 0, None, "symmetric", 20.0)
+    assert mean_cos2(soft) < mean_cos2(plain)
+
+
+def test_plan_batches_fits_the_budget():
+    assert plan_batches(16, 2, per_row=100, budget=10_000, batch_vectors=None) == (16, 16, 2)
+    assert plan_batches(16, 2, per_row=100, budget=1_000, batch_vectors=None) == (5, 5, 2)
+    assert plan_batches(16, 4, per_row=100, budget=200, batch_vectors=None) == (1, 1, 2)
+    assert plan_batches(16, 2, per_row=100, budget=10_000, batch_vectors=3) == (3, 3, 2)
+    bank = melbo.train(
+        tiny_loaded("llama"), PROMPTS, num_vectors=4, steps=3, radius="2", memory_gb=1e-4, show_progress=False
+    )
+    assert bank.meta["batch_vectors_used"] >= 1 and len(bank) == 4

@@ -15,7 +15,7 @@ def test_plots_are_pngs(tmp_path):
 
 
 def test_sweep_plot_is_a_png(tmp_path):
-    row = {"changed": 0.5, "coherent": 1.0, "diversity": 0.3, "score": 0.3}
+    row = {"changed": 0.5, "coherent": 1.0, "different": 0.5, "diversity": 0.3, "score": 0.3}
     sweep = {
         "rows": [{"radius": r, "relative": r / 10, "learned": row, "random": row} for r in (1.0, 2.0, 4.0)],
         "chosen": {"radius": 2.0, "relative": 0.2, "index": 1},
