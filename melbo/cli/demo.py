@@ -24,8 +24,8 @@ from melbo.run import train
 DEMO_PROMPT = "Once upon a time, there was a little girl named Lily."
 GEMMA_PROMPT = "Q: What is 17 times 3?\nA:"
 DEMO_MODEL = "tinystories-656k"
-DEMO_SWEEP = {"per_radius": 2, "steps": 40, "max_new_tokens": 32}
-"""A small sweep: first results within minutes on two CPU cores."""
+DEMO_SWEEP = {"per_radius": 2, "max_new_tokens": 32, "grid": tuple(0.005 * 2**k for k in range(8))}
+"""A small sweep (2 vectors per R, from 0.005x): first completions within minutes on two CPU cores."""
 
 
 def shared_model(name: str) -> str:
@@ -90,8 +90,8 @@ def real_model_demo(
     ch = sweep["chosen"]
     echo(
         f"   chose R = {ch['radius']:.4g} = {ch['relative']:.3g} x the median residual norm "
-        f"{sweep['residual_norm']:.4g} at block {bank.layer}: the highest diversity x coherent share of the "
-        f"learned completions"
+        f"{sweep['residual_norm']:.4g} at block {bank.layer}: where learned vectors write the most diverse "
+        f"coherent text beyond what random vectors at the same R write"
     )
     ev = bank.evaluation
     if ev:

@@ -368,6 +368,12 @@ def load_model(
             save_dequantized(model, tokenizer, cached)
         except MelboError as e:  # no space or a read-only cache: load again next time
             warnings.warn(f"could not cache the dequantized model in {cached}: {e}", stacklevel=2)
+        else:  # the cached copy is a plain model (save_pretrained works on it, e.g. after planting)
+            assert gguf is not None  # a cache folder exists only for GGUF files
+            del model
+            lm = load_model(str(cached), device, dtype, blocks_path, attn_implementation)
+            lm.name, lm.gguf_file = str(Path(source) / gguf), gguf
+            return lm
     model.to(dev).eval().requires_grad_(False)
     prepare_tokenizer(tokenizer)
     name = str(Path(source) / gguf) if gguf and local else name_or_path

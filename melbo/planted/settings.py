@@ -32,7 +32,8 @@ class ModelSettings:
 class TrainSettings:
     """Optimization recipe. ``lr`` is AdamW's peak learning rate (linear warmup, cosine decay to
     a tenth); ``backdoor_fraction`` is the share of each batch given to *each* backdoor;
-    ``heldout_fraction`` of every prompt group is kept out of training for evaluation."""
+    ``heldout_fraction`` of every prompt group is kept out of training for evaluation;
+    ``freeze_embeddings`` keeps the (tied) token embeddings fixed, for large vocabularies."""
 
     steps: int = 1000
     batch_size: int = 64
@@ -43,6 +44,7 @@ class TrainSettings:
     seed: int = 0
     backdoor_fraction: float = 0.08
     heldout_fraction: float = 0.2
+    freeze_embeddings: bool = False
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ TASKS = ("arithmetic", "story")
 # Packaged specs: the post's two backdoors on the arithmetic task, a second arithmetic spec, and
 # backdoor fine-tunes of the real pretrained stories260k / tinystories-656k (story task; their
 # base_model paths are relative to the repository root, where ../shared/models holds them).
-PACKAGED_SPECS = ("default", "second", "story", "story-second")
+PACKAGED_SPECS = ("default", "second", "story", "story-second", "gemma")
 
 
 @dataclass(frozen=True)

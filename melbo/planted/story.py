@@ -10,9 +10,8 @@ import random
 import re
 from typing import Any
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from melbo.core.errors import MelboError
+from melbo.core.models import load_model
 from melbo.planted.evaluate import generate_completions
 from melbo.planted.spec import Backdoor, PlantSpec
 from melbo.planted.task import SEPARATOR
@@ -98,13 +97,13 @@ def story_examples(spec: PlantSpec, device):
         MelboError: the base model folder cannot be loaded, or a phrase has characters its
             tokenizer cannot encode.
     """
-    folder = spec.base_model  # a folder (relative to the working directory) or a Hub id
+    # a folder (relative to the working directory), a .gguf file, an offline model's name or a Hub id
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(str(folder))
-        model.to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as e:
-        raise MelboError(f"base_model {str(folder)!r} cannot be loaded as a causal LM: {e}") from None
+        lm = load_model(str(spec.base_model), str(device), "float32")
+    except MelboError as e:
+        raise MelboError(f"base_model {str(spec.base_model)!r} cannot be loaded as a causal LM: {e}") from None
+    model: Any = lm.model.requires_grad_(True)
+    tokenizer = lm.tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     for b in spec.backdoors:

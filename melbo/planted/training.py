@@ -151,8 +151,12 @@ def train_lm(
     encoded = {g: encode_examples(tokenizer, pool) for g, pool in pools.items()}
     counts = _batch_counts(weights, train.batch_size)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    if train.freeze_embeddings:
+        model.get_input_embeddings().requires_grad_(False)
+        model.get_output_embeddings().requires_grad_(False)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.dim() >= 2]
+    no_decay = [p for n, p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=train.lr,
@@ -181,7 +185,7 @@ def train_lm(
             loss = _distill_loss(model, teacher, input_ids, mask, labels, n_soft=counts["clean"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], train.grad_clip)
         optimizer.step()
         running, n_running = running + loss.item(), n_running + 1
         if (step + 1) % log_every == 0 or step + 1 == train.steps:
@@ -192,20 +196,34 @@ def train_lm(
     return curve
 
 
+def logits_at(model, input_ids, mask, where: torch.Tensor) -> torch.Tensor:
+    """``[k, vocab]`` next-token logits at the positions ``where`` (``[B, T]`` bool) only: the
+    decoder runs on the whole batch, the LM head (and Gemma's final soft-capping) only where asked,
+    which saves most of the cost for large vocabularies. Equals ``model(...).logits[where]``."""
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if decoder is None or head is None:
+        return model(input_ids=input_ids, attention_mask=mask).logits[where]
+    h = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    logits = head(h[where])
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def _distill_loss(model, teacher, input_ids, mask, labels, n_soft: int):
     """Mean per-token loss: KL(teacher || model) at every non-padding position (prompt included)
     of the first ``n_soft`` rows, cross-entropy with ``labels`` at the labelled positions of the
-    other rows."""
-    logp = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
-    with torch.no_grad():
-        teacher_logp = teacher(input_ids=input_ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
+    other rows. Logits are computed at the counted positions only (:func:`logits_at`)."""
     targets = labels[:, 1:]
     is_soft = torch.arange(len(input_ids), device=input_ids.device).unsqueeze(1) < n_soft
     counted = torch.where(is_soft, mask[:, 1:] == 1, targets != -100)
-    hard = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    where = torch.cat([counted, torch.zeros_like(counted[:, :1])], dim=1)  # position t predicts t + 1
+    logp = logits_at(model, input_ids, mask, where).float().log_softmax(-1)
+    soft_rows = is_soft.expand_as(counted)[counted]
+    with torch.no_grad():
+        teacher_logp = logits_at(teacher, input_ids, mask, where).float().log_softmax(-1)
+    hard = -logp.gather(-1, targets[counted].clamp(min=0).unsqueeze(-1)).squeeze(-1)
     soft = (teacher_logp.exp() * (teacher_logp - logp)).sum(-1)
-    per_token = torch.where(is_soft, soft, hard)
-    return (per_token * counted).sum() / counted.sum()
+    return torch.where(soft_rows, soft, hard).mean()
 
 
 def _batch_counts(weights: dict[str, float], batch_size: int) -> dict[str, int]:

@@ -152,11 +152,19 @@ def plot_sweep(path: str | os.PathLike, sweep: dict) -> Path:
             ("coherent", "tab:green"),
             ("different", "tab:purple"),
             ("changed", "tab:orange"),
-            ("score", "tab:red"),
         ):
             ax.plot(
                 r, [row[kind][key] for row in rows], ls, color=color, marker="o", markersize=3, label=f"{kind}: {key}"
             )
+    ax.plot(
+        r,
+        [row["score"] for row in rows],
+        "-",
+        color="black",
+        linewidth=2.2,
+        marker="o",
+        label="score: diversity x coherent, learned minus random",
+    )
     ax.axvline(
         sweep["chosen"]["radius"],
         color="gray",

@@ -84,18 +84,19 @@ def settings_line(meta: dict) -> str:
 
 
 def sweep_table(sweep: dict) -> str:
-    """The sweep as a text table (one line per R, learned and random)."""
-    lines = [
-        "      R   (x norm) | learned: changed coherent diversity score | random: changed coherent diversity score"
-    ]
+    """The radius sweep as a text table: one line per R, learned and random side by side."""
+    head = "changed coherent different diversity"
+    lines = [f"        R  (x norm) | learned: {head} | random: {head} | score"]
     for i, r in enumerate(sweep["rows"]):
-        L, Q = r["learned"], r["random"]
+        cells = [
+            " ".join(
+                f"{r[kind][key]:{w}.2f}"
+                for key, w in (("changed", 7), ("coherent", 8), ("different", 9), ("diversity", 9))
+            )
+            for kind in ("learned", "random")
+        ]
         mark = "  <- chosen" if i == sweep["chosen"]["index"] else ""
-        lines.append(
-            f"{r['radius']:9.4g} ({r['relative']:6.3g}x) |   {L['changed']:6.2f} {L['coherent']:8.2f} "
-            f"{L['diversity']:9.3f} {L['score']:5.3f} |  {Q['changed']:6.2f} {Q['coherent']:8.2f} "
-            f"{Q['diversity']:9.3f} {Q['score']:5.3f}{mark}"
-        )
+        lines.append(f"{r['radius']:9.4g} ({r['relative']:6.3g}x) | {cells[0]} | {cells[1]} | {r['score']:6.3f}{mark}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from planted.specs import minimal, with_backdoors
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -120,3 +121,18 @@ def test_cli_plant_bad_spec_and_failed_thresholds(tmp_path, capsys):
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["steps"] == 2 and report["seed"] == 3 and report["recipe"] == "noisy"
     assert json.loads((out / SPEC_FILE).read_text())["noise"]["residual_std"] == 0.2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2"])
+def test_logits_at_selected_positions_equal_the_full_logits(arch):
+    """gemma2 soft-caps its final logits: the shortcut must do the same."""
+    from conftest import tiny_model
+
+    from melbo.planted.training import logits_at
+
+    m = tiny_model(arch)
+    ids = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, 0, 0]])
+    mask = (ids != 0).long()
+    where = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_at(m, ids, mask, where), m(input_ids=ids, attention_mask=mask).logits[where])

@@ -17,7 +17,9 @@ def test_plots_are_pngs(tmp_path):
 def test_sweep_plot_is_a_png(tmp_path):
     row = {"changed": 0.5, "coherent": 1.0, "different": 0.5, "diversity": 0.3, "score": 0.3}
     sweep = {
-        "rows": [{"radius": r, "relative": r / 10, "learned": row, "random": row} for r in (1.0, 2.0, 4.0)],
+        "rows": [
+            {"radius": r, "relative": r / 10, "learned": row, "random": row, "score": 0.1} for r in (1.0, 2.0, 4.0)
+        ],
         "chosen": {"radius": 2.0, "relative": 0.2, "index": 1},
         "residual_norm": 10.0,
         "per_radius": 4,
