@@ -30,7 +30,7 @@ from melbo.bank_format import BANK_FILE, FORMAT, LEARNED, PEFT_DIR, check_conten
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig, generate_rows
 from melbo.core.hooks import steer
-from melbo.core.io import load_tensors, remove_stale_temps, save_tensors
+from melbo.core.io import load_tensors, make_dir, remove_stale_temps, save_tensors
 from melbo.core.lora import apply_adapter, module_by_name
 from melbo.core.models import LoadedModel, load_model, resolve_layer
 from melbo.core.validate import check_number, parse_indices
@@ -293,6 +293,8 @@ class Bank:
         prompts = list(self.meta.get("prompts", [])) if prompts is None else prompts
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         sub = self.subset(vectors) if vectors is not None else self
+        if sub.kind == "vector" and not (sub.vectors.abs().sum(-1) > 0).any():
+            raise MelboError("every chosen vector is zero: the KL divergence would be 0 everywhere")
         ref = None
         if reference is not None:
             idx = sub.meta.get("subset_of", list(range(len(sub))))
@@ -313,7 +315,7 @@ class Bank:
         Atomic: a bank on disk is always whole. Returns the file written."""
         p = Path(path)
         file = p if p.suffix == ".safetensors" else p / BANK_FILE
-        file.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(file.parent, "bank folder")
         meta = {**self.meta, "melbo_version": __version__, "rows": len(self)}
         save_tensors(file, self.tensors, meta, FORMAT)
         if self.kind == "adapter" and p.suffix != ".safetensors":

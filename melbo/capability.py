@@ -23,7 +23,7 @@ from typing import Any
 
 from melbo.bank import Bank
 from melbo.core.errors import MelboError
-from melbo.core.io import write_json, write_text
+from melbo.core.io import make_dir, write_json, write_text
 from melbo.core.models import LoadedModel
 from melbo.core.validate import check_choice, check_int
 from melbo.run import train
@@ -152,7 +152,7 @@ def run_capability(
     }
     if out is not None:
         folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dir(folder)
         write_json(folder / "capability.json", report)
         write_text(folder / "capability.md", capability_markdown(report))
         bank.save(folder)

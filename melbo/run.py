@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from melbo.bank import BANK_FILE, Bank
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
-from melbo.core.io import remove_stale_temps
+from melbo.core.io import check_writable, make_dir, remove_stale_temps
 from melbo.core.models import LoadedModel, check_layers, default_layers, load_model
 from melbo.core.prompts import check_prompts, encode_prompts
 from melbo.core.radius import parse_radius
@@ -58,6 +58,7 @@ class RunFolder:
         self.path = Path(out)
         if self.path.exists() and not self.path.is_dir():
             raise MelboError(f"--out {str(self.path)!r} is a file, not a folder")
+        check_writable(self.path, "run folder")
         bank = self.path / BANK_FILE
         if resume and not bank.is_file():
             raise MelboError(
@@ -78,7 +79,7 @@ class RunFolder:
         return Bank.load(self.path)
 
     def save(self, bank: Bank) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dir(self.path, "run folder")
         bank.save(self.path)
 
 

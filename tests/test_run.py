@@ -132,7 +132,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, method, extra):
     assert again.meta["complete"] is True and len(again) == len(full)
 
 
-def test_resume_refuses_other_settings_and_one_shot_methods(tmp_path):
+def test_resume_refuses_other_settings(tmp_path):
     lm = tiny_loaded("llama")
     melbo.train(lm, PROMPT, out=tmp_path / "r", num_vectors=1, steps=2, radius="2", evaluate=False, show_progress=False)
     with pytest.raises(MelboError, match="the run in the bank has radius=2.0, this command asks for 3.0"):
@@ -144,8 +144,8 @@ def test_resume_refuses_other_settings_and_one_shot_methods(tmp_path):
     melbo.train(
         lm, PROMPT, "dct", out=tmp_path / "d", num_vectors=2, radius="1", factors=4, evaluate=False, show_progress=False
     )
-    with pytest.raises(MelboError, match="runs as one fit"):
-        melbo.train(lm, PROMPT, "dct", out=tmp_path / "d", resume=True, num_vectors=2, radius="1", factors=4)
+    with pytest.raises(MelboError, match="the run in the bank has factors=4, this command asks for 8"):
+        melbo.train(lm, PROMPT, "dct", out=tmp_path / "d", resume=True, num_vectors=2, radius="1", factors=8)
 
 
 def test_dct_bank_holds_all_factors_and_evaluates_the_top(tmp_path):

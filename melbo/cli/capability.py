@@ -8,6 +8,7 @@ import click
 
 from melbo.capability import Task, run_capability
 from melbo.cli.common import given, model_options
+from melbo.core.io import check_writable
 from melbo.core.models import load_model
 
 
@@ -61,6 +62,7 @@ def capability(
     )
     settings.setdefault("num_vectors", ctx.params["num_vectors"])
     task = Task(op, da, db).check()
+    check_writable(out, "--out")
     lm = load_model(model, device, dtype, blocks_path, gguf_file=gguf_file)
     rep = run_capability(
         lm, task, method, num_train, num_test, seed, max_new_tokens, out, show_progress=True, **settings

@@ -20,11 +20,12 @@ from melbo.cli.common import (
 from melbo.core.errors import MelboError
 from melbo.core.generate import generate_rows
 from melbo.core.hooks import STEER_POSITIONS
+from melbo.core.io import check_writable
 from melbo.core.lora import linear_dims, module_by_name
 from melbo.core.peft import load_peft_adapter
 from melbo.core.prompts import check_prompts
 from melbo.core.validate import parse_indices
-from melbo.measure import kl_label, vector_variants
+from melbo.measure import effective_window, kl_label, vector_variants
 from melbo.report.measures import write_measures
 from melbo.vector import SteeringAdapter
 
@@ -173,6 +174,8 @@ def plot(
 ) -> None:
     """KL divergence of the next-token distribution at the last prompt position (steered by each vector vs by
     the reference vector, and vs unsteered) and vector norms, over the vector index (METHOD.md section 3)."""
+    folder = Path(out) if out else (Path(bank) if Path(bank).is_dir() else Path(bank).parent)
+    check_writable(folder, "--out")
     b = Bank.load(bank)
     src = b.random if use_random else b
     if src is None:
@@ -180,6 +183,7 @@ def plot(
     if src.kind != "vector":
         raise MelboError("melbo plot measures steering vectors; this bank holds adapters")
     idx = parse_indices(vectors, len(src))
+    effective_window(len(idx), window)  # a bad --window fails before any work
     if str(reference).strip().lower() != "none" and not str(reference).strip().lstrip("-").isdigit():
         raise MelboError(f"bad --reference {reference!r}; allowed: one vector index or none")
     ref = None if str(reference).strip().lower() == "none" else parse_indices(int(reference), len(src))[0]
@@ -192,7 +196,6 @@ def plot(
     kl.to_unsteered = kl.to_unsteered[:cut]
     if kl.to_reference is not None:
         kl.to_reference = kl.to_reference[:cut]
-    folder = Path(out) if out else (Path(bank) if Path(bank).is_dir() else Path(bank).parent)
     files = write_measures(
         folder, src, kl, idx, ref, scale, window, title=f"{Path(bank).name} ({b.meta.get('model')}): "
     )

@@ -11,6 +11,7 @@ from melbo.cli.common import print_run
 from melbo.cli.demo import real_model_demo
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
+from melbo.core.io import check_writable
 from melbo.defaults import PLANTED
 from melbo.planted.bench import bench_prompts, run_bench
 from melbo.planted.bench_config import parse_sweep, setting_from_options
@@ -147,6 +148,7 @@ def bench_backdoor(
 ) -> None:
     """Does a method find a planted model's backdoors from clean prompts? Recall, perturbations per
     behavior, first index, the random baseline at the same R, generalization."""
+    check_writable(out, "--out")
     lm, spec = load_planted_lm(model, spec_path, device)
     setting = setting_from_options(
         method,
@@ -214,6 +216,7 @@ def demo(out: str, part: str, num_vectors: int, method: str, device: str) -> Non
     """The main job, offline, in a few minutes on a CPU: (1) MELBO on a real pretrained model beside random
     vectors at the same R, with R chosen by the model; (2) the planted-behavior benchmark on small models
     shipped with melbo (METHOD.md section 4)."""
+    check_writable(out, "--out")
     if part in ("all", "real"):
         run_dir = os.path.join(out, "real")
         if os.path.exists(os.path.join(run_dir, "bank.safetensors")):

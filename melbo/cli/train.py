@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -20,7 +21,7 @@ from melbo.cli.common import (
     read_prompts,
 )
 from melbo.core.errors import MelboError
-from melbo.core.io import write_json
+from melbo.core.io import check_writable, write_json
 from melbo.core.models import load_model
 from melbo.core.prompts import check_prompts
 from melbo.defaults import describe
@@ -259,6 +260,8 @@ def calibrate(
         raise MelboError(f"bad --bracket {bracket!r}; give lo,hi like 0.001,100") from None
     if len(lo_hi) != 2:
         raise MelboError(f"bad --bracket {bracket!r}; give lo,hi like 0.001,100")
+    if json_path:
+        check_writable(Path(json_path).parent, "--json folder")
     lm = load_model(model, device, dtype, blocks_path, gguf_file=gguf_file)
     try:
         cal = calibrate_api(

@@ -251,6 +251,55 @@ def atomic_folder(path: str | os.PathLike, overwrite: bool = False) -> Iterator[
         raise
 
 
+def check_writable(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Check, before any work, that the folder ``path`` can be created or written to.
+
+    Raises:
+        MelboError: ``path`` or a parent is a file, or the nearest existing folder is not writable.
+    """
+    p = Path(path)
+    for parent in (p, *p.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise MelboError(f"{what} {str(p)!r}: {str(parent)!r} is a file, not a folder")
+            _probe_write(p, parent, what)
+            break
+    return p
+
+
+def _probe_write(p: Path, folder: Path, what: str) -> None:
+    """Create and remove an empty file in ``folder``: the permission bits do not tell the truth
+    for root, read-only mounts or immutable folders, a real write does."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MelboError(f"{what} {str(p)!r} cannot be written: {str(folder)!r} is read-only for this user")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".melbo-probe-")
+    except OSError as e:
+        raise MelboError(
+            f"{what} {str(p)!r} cannot be written: {str(folder)!r} is read-only for this user ({e.strerror})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def make_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create the folder ``path`` (and its parents) if needed.
+
+    Raises:
+        MelboError: ``path`` (or a parent) is a file, or it cannot be created (read-only file
+            system, permission denied, disk full).
+    """
+    p = Path(path)
+    for parent in (p, *p.parents):
+        if parent.exists() and not parent.is_dir():
+            raise MelboError(f"{what} {str(p)!r}: {str(parent)!r} is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MelboError(f"cannot create {what} {str(p)!r}: {e.strerror or e}") from None
+    return p
+
+
 def cache_dir() -> Path:
     """Where melbo caches what it builds once (embedding models, converted models, planted models):
     ``$MELBO_CACHE`` or ``~/.cache/melbo``."""

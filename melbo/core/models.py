@@ -11,6 +11,7 @@ import copy
 import importlib
 import os
 import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,7 +360,7 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
         model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs, **extra)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as e:  # struct: a cut GGUF header
         where = "GGUF file" if gguf else "folder" if local else "Hub id (offline, or no such repository?)"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MelboError(f"cannot load model {name_or_path!r} as a {where}: {first}") from None

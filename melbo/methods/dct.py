@@ -20,7 +20,7 @@ from melbo.core.validate import check_choice, check_positive
 from melbo.methods.base import Checkpoint, CommonSettings, Context, Fit, perturbations
 from melbo.methods.calibrate import calibrate_radius
 from melbo.methods.dct_config import DCTConfig
-from melbo.methods.dct_fit import fit_dct
+from melbo.methods.dct_fit import DCTState, fit_dct
 from melbo.methods.delta import DeltaMap
 
 
@@ -72,7 +72,7 @@ class DCTMethod:
     name: ClassVar[str] = "dct"
     kind: ClassVar[str] = "vector"
     settings_class: ClassVar[type] = DCTSettings
-    resumable: ClassVar[bool] = False
+    resumable: ClassVar[bool] = True
 
     def __init__(self, ctx: Context):
         self.ctx, s = ctx, ctx.settings
@@ -99,7 +99,47 @@ class DCTMethod:
         }
 
     def fit(self, resume: Fit | None, checkpoint: Checkpoint | None) -> Fit:
-        res = fit_dct(self.delta, self.radius, config=self.cfg, show_progress=self.ctx.show_progress)
+        """The fit, checkpointed after every iteration; ``resume`` continues one (or returns a
+        finished one as it is)."""
+        state = None
+        if resume is not None and "dct_V" in resume.tensors:
+            t = resume.tensors
+            state = DCTState(
+                t["dct_U"],
+                t["dct_V"],
+                t.get("dct_log_norms"),
+                t["dct_start_V"],
+                [float(x) for x in t["dct_history"].flatten()],
+                int(t["dct_iteration"].item()),
+            )
+        elif resume is not None and len(resume):
+            return resume
+
+        def save(st: DCTState) -> None:
+            if checkpoint is None:
+                return
+            tensors = {
+                "vectors": self.radius * st.V,
+                "dct_U": st.U,
+                "dct_V": st.V,
+                "dct_start_V": st.start_V,
+                "dct_history": torch.tensor([st.history]),
+                "dct_iteration": torch.tensor([[float(st.iteration)]]),
+            }
+            if st.log_norms is not None:
+                tensors["dct_log_norms"] = st.log_norms[None]
+            checkpoint(Fit(tensors, []))
+
+        if state is not None and state.log_norms is not None:
+            state.log_norms = state.log_norms.flatten()
+        res = fit_dct(
+            self.delta,
+            self.radius,
+            config=self.cfg,
+            show_progress=self.ctx.show_progress,
+            state=state,
+            on_iteration=save,
+        )
         objective = self.objectives({"vectors": res.vectors})
         cos = torch.nn.functional.cosine_similarity(res.V.double(), res.start_V.double(), dim=-1)
         info = [

@@ -154,6 +154,20 @@ def _orthogonalize(
 
 
 @dataclass
+class DCTState:
+    """A DCT fit between iterations (to checkpoint and resume): ``U``, ``V`` ``[m, d]``, the
+    ``log_norms`` ``[m]`` of the last ``G_V`` (or None), the initial ``start_V``, the ``history``
+    of mean c and the number of iterations done."""
+
+    U: torch.Tensor
+    V: torch.Tensor
+    log_norms: torch.Tensor | None
+    start_V: torch.Tensor
+    history: list[float]
+    iteration: int
+
+
+@dataclass
 class DCTResult:
     """A fitted DCT, factors ranked (best first).
 
@@ -231,6 +245,8 @@ def fit_dct(
     calibration_directions: int = 30,
     bracket: tuple[float, float] = (1e-3, 100.0),
     show_progress: bool = False,
+    state: DCTState | None = None,
+    on_iteration: Callable[[DCTState], None] | None = None,
     **overrides: Any,
 ) -> DCTResult:
     """Fit a DCT to Δ by orthogonalized gradient iteration and rank its factors (METHOD.md section 5).
@@ -245,6 +261,9 @@ def fit_dct(
         start: explicit initial ``(U0, V0)`` (``[m, d]`` each) instead of ``config.init``.
         readout: rank by ``readout(vectors [m, d]) -> [m]`` (higher first) instead of α².
         show_progress: a tqdm bar over the iterations.
+        state: continue a fit from this :class:`DCTState` (a checkpoint of the same settings): the
+            result equals the uninterrupted fit's.
+        on_iteration: called with the state after every iteration (to checkpoint it).
 
     Returns:
         a :class:`DCTResult`: ``vectors`` (R·v, ranked), ``alpha``, ``radius``, ...
@@ -270,14 +289,19 @@ def fit_dct(
     radius = float(radius)
 
     t0 = time.perf_counter()
-    if start is not None:
-        U, V, log_norms = normalize_rows(U0), normalize_rows(V0), None
+    if state is not None:
+        dev, dt = delta.device, getattr(delta, "dtype", torch.float32)
+        U, V, start_V = (x.to(dev, dt) for x in (state.U, state.V, state.start_V))
+        log_norms = None if state.log_norms is None else state.log_norms.to(dev, dt)
+        history, done = list(state.history), state.iteration
     else:
-        U, V, log_norms = init_factors(delta, m, cfg)
-    start_V = V.clone()
-    history = []
-    for _ in tqdm(
-        range(cfg.iterations),
+        if start is not None:
+            U, V, log_norms = normalize_rows(U0), normalize_rows(V0), None
+        else:
+            U, V, log_norms = init_factors(delta, m, cfg)
+        start_V, history, done = V.clone(), [], 0
+    for it in tqdm(
+        range(done, cfg.iterations),
         desc=f"DCT ({cfg.sigma}, {m} factors)",
         unit="iter",
         disable=not show_progress,
@@ -289,6 +313,12 @@ def fit_dct(
         log_norms = gv.norm(dim=-1).clamp(min=1e-30).log()
         U = _damped(U, gu, cfg.beta)
         V = _damped(Vo, gv, cfg.beta)
+        if on_iteration is not None:
+            on_iteration(
+                DCTState(
+                    U.detach().cpu(), V.detach().cpu(), log_norms.detach().cpu(), start_V.cpu(), list(history), it + 1
+                )
+            )
     V = _orthogonalize(V, cfg.orthogonalize, log_norms, cfg.soft_steps, cfg.temperature)
     gu = output_gradient(delta, V, radius, cfg.sigma)
     U = normalize_rows(gu)

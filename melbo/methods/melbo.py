@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
+from melbo.core.errors import MelboError
 from melbo.core.models import LoadedModel, text_config
 from melbo.core.radius import parse_radius
 from melbo.core.slice import Slice
@@ -117,6 +118,11 @@ class MelboMethod:
 
     def __init__(self, ctx: Context):
         self.ctx, s = ctx, ctx.settings
+        if s.num_vectors > ctx.lm.d_model:
+            raise MelboError(
+                f"{s.num_vectors} mutually orthogonal vectors do not fit d_model = {ctx.lm.d_model}; "
+                f"allowed: at most {ctx.lm.d_model}"
+            )
         self.slice = Slice(ctx.lm.model, ctx.lm.blocks, ctx.batch, ctx.src, ctx.tgt, writes_only=s.writes_only)
         self.residual_norm = self.slice.residual_norm()
         self.radius, calibration = resolve_radius(s.radius, self.residual_norm, ctx, s.writes_only, s.lam, s.seed)

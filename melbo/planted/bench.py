@@ -32,6 +32,7 @@ from melbo.planted.bench_report import write_report
 from melbo.planted.scoring import Judge, behavior_names, generalization, label_group, parse_problem, score_labels
 from melbo.planted.story import story_trigger, unseen_story_prompts
 from melbo.planted.task import format_prompt, generalization_problems
+from melbo.planted.tokenizer import build_char_tokenizer
 from melbo.run import train
 
 
@@ -75,6 +76,26 @@ def bench_prompts(
         problems = [(p[0], p[1], p[2], p[3]) for p in generalization_problems(spec, num_prompts, seed)]
     general = generalization_problems(spec, n_general, seed, exclude=tuple(problems))
     return [format_prompt(p) for p in problems], [format_prompt(p) for p in general]
+
+
+def check_task(spec: Any, lm: LoadedModel) -> None:
+    """Refuse a spec of another task than the model's: arithmetic models (trained from scratch by
+    ``melbo plant``) have melbo's character tokenizer, story models their base model's.
+
+    Raises:
+        MelboError: the model's tokenizer does not fit the spec's task.
+    """
+    is_char = lm.tokenizer.get_vocab() == build_char_tokenizer().get_vocab()
+    if spec.task == "arithmetic" and not is_char:
+        raise MelboError(
+            f"spec {spec.name!r} is of the arithmetic task, but model {lm.name!r} does not have the "
+            f"arithmetic task's character tokenizer; give the spec the model was planted with"
+        )
+    if spec.task == "story" and is_char:
+        raise MelboError(
+            f"spec {spec.name!r} is of the story task, but model {lm.name!r} is an arithmetic model "
+            f"(character tokenizer); give the spec the model was planted with"
+        )
 
 
 def learn(lm: LoadedModel, prompts: list[str], setting: BenchSetting, show_progress: bool = False) -> dict:
@@ -153,9 +174,10 @@ def run_bench(
     behaviors = behavior_names(spec)
     judge = Judge(lm, spec, gen)
     t_all = time.perf_counter()
+    check_task(spec, lm)
+    base_rows, _ = label_group(judge, train_prompts, None, (1.0,), gen)
     found = learn(lm, train_prompts, setting, show_progress)
     src, tgt = found["source_layer"], found["target_layer"]
-    base_rows, _ = label_group(judge, train_prompts, None, (1.0,), gen)
     rows_l, sec_l = label_group(judge, train_prompts, found["learned"], setting.scales, gen)
     rows_r, sec_r = label_group(judge, train_prompts, found["random"], setting.scales, gen)
     score_l = score_labels([[r["label"] for r in rs] for rs in rows_l], behaviors)

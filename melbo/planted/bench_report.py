@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from melbo.core.io import write_json, write_text
+from melbo.core.io import make_dir, write_json, write_text
 
 BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
 
@@ -15,7 +15,7 @@ BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
 def write_report(out: str | os.PathLike, report: dict) -> Path:
     """Write ``bench.json`` and ``bench.md`` into ``out`` (created), atomically. Returns the folder."""
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     write_json(folder / BENCH_JSON, report, indent=1)
     write_text(folder / BENCH_MD, report_markdown(report))
     return folder

@@ -180,7 +180,7 @@ def check_settings(
     )
     for key in ("steps", "batch_size"):
         check(getattr(train, key) >= 1, f"train.{key}", getattr(train, key), "an integer >= 1")
-    check(train.seed >= 0, "train.seed", train.seed, "an integer >= 0")
+    check(0 <= train.seed <= 2**31 - 1, "train.seed", train.seed, "an integer in 0..2147483647")
     check(train.warmup_steps >= 0, "train.warmup_steps", train.warmup_steps, "an integer >= 0")
     check(train.lr > 0, "train.lr", train.lr, "a number > 0")
     check(train.weight_decay >= 0, "train.weight_decay", train.weight_decay, "a number >= 0")

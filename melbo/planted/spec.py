@@ -94,7 +94,7 @@ class PlantSpec:
         """
         train = self.train
         if seed is not None:
-            train = dataclasses.replace(train, seed=check_int(seed, "seed", 0))
+            train = dataclasses.replace(train, seed=check_int(seed, "seed", 0, 2**31 - 1))
         if steps is not None:
             train = dataclasses.replace(train, steps=check_int(steps, "steps", 1))
         return dataclasses.replace(self, train=train)

@@ -12,7 +12,7 @@ from typing import Any
 
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
-from melbo.core.io import write_json, write_text
+from melbo.core.io import make_dir, write_json, write_text
 from melbo.core.models import LoadedModel
 from melbo.planted.bench import run_bench
 from melbo.planted.bench_config import BenchSetting
@@ -86,7 +86,7 @@ def run_sweep(
         rows.append(row)
         if on_result is not None:
             on_result(k, row)
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dir(folder)
         write_json(folder / SWEEP_JSON, rows, indent=1)
         write_text(folder / SWEEP_MD, sweep_markdown(rows, spec.name))
     return rows

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from melbo.bank import Bank
-from melbo.core.io import write_text
+from melbo.core.io import make_dir, write_text
 from melbo.measure import KLCurves, vector_norms
 from melbo.report.plot import plot_measures
 
@@ -27,7 +27,7 @@ def write_measures(
     """Write ``measures.csv`` (index, norm, KL to the reference, KL to unsteered) and the plots
     for the vectors ``indices`` of ``bank`` with their KL curves ``kl``. Returns the files written."""
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     vecs = bank.vectors[indices] * scale
     norms = vector_norms(vecs)
     lines = ["index,norm,kl_to_reference,kl_to_unsteered"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from melbo.core.io import atomic_write
+from melbo.core.io import atomic_write, make_dir
 from melbo.measure import effective_window, kl_label, moving_average
 
 
@@ -44,7 +44,7 @@ def plot_curves(
     from matplotlib.figure import Figure
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     fig = Figure(figsize=(10, 5.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)

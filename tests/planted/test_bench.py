@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import char_tokenizer
 
 from melbo.cli import main
 from melbo.core.errors import MelboError
@@ -267,11 +268,12 @@ def test_cli_bad_input_exit_2(tiny_planted, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def tiny_story_planted(tmp_path_factory):
-    """A random (untrained) Llama with the char tokenizer, saved with a story-task spec."""
+    """A random (untrained) Llama with a character tokenizer (not the arithmetic task's), saved with a
+    story-task spec."""
     spec = story_spec()
     folder = tmp_path_factory.mktemp("story")
     torch.manual_seed(0)
-    tok = build_char_tokenizer()
+    tok = char_tokenizer()
     arith = parse_spec(
         {
             **spec_to_dict(load_spec(None)),
@@ -340,3 +342,12 @@ def test_demo_fixtures_are_shipped_with_their_specs():
         demo_model(lambda _: None, "x")
     story = setting_from_options("dct", "story", num_vectors=8)
     assert story.radius == "0.1x"
+
+
+def test_a_spec_of_another_task_is_refused(tiny_planted, tiny_story_planted, tmp_path):
+    lm, _ = load_planted_lm(tiny_story_planted)
+    with pytest.raises(MelboError, match="is of the arithmetic task, but model"):
+        run_bench(lm, load_spec(None), BenchSetting(num_vectors=1, steps=1))
+    lm2, _ = load_planted_lm(tiny_planted)
+    with pytest.raises(MelboError, match="is of the story task, but model .* is an arithmetic model"):
+        run_bench(lm2, story_spec(), BenchSetting(num_vectors=1, steps=1))

@@ -1,0 +1,665 @@
+"""A catalog of bad inputs: every subcommand and the library, every file melbo reads.
+
+Each case must end with exit code 2 and a one-line ``error: ...`` (or click's usage error) that
+matches its pattern (the bad value named, and what is allowed), with no traceback, and nothing
+written where the command would have written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+
+import pytest
+import torch
+from conftest import char_tokenizer, tiny_model
+from safetensors.torch import save_file
+
+from melbo.bank import Bank
+from melbo.cli import main
+from melbo.core.io import save_tensors
+from melbo.planted.spec import load_spec, parse_spec, spec_to_dict
+from melbo.planted.tokenizer import build_char_tokenizer
+from melbo.planted.training import build_model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Every file the cases refer to, by name."""
+    root = tmp_path_factory.mktemp("bad")
+    f = {"root": str(root)}
+    model = root / "model"
+    tiny_model("llama").save_pretrained(model)
+    char_tokenizer().save_pretrained(model)
+    f["model"] = str(model)
+    other = root / "other"
+    tiny_model("gpt2").save_pretrained(other)
+    char_tokenizer().save_pretrained(other)
+    f["other"] = str(other)
+    pickle = root / "pickle"
+    pickle.mkdir()
+    (pickle / "config.json").write_text("{}")
+    (pickle / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    f["pickle"] = str(pickle)
+    (root / "bad.gguf").write_bytes(b"GGUF not really")
+    f["badgguf"] = str(root / "bad.gguf")
+    run = root / "run"
+    assert (
+        _run(
+            [
+                "train",
+                "--model",
+                f["model"],
+                "--prompt",
+                "Hello there.",
+                "--num-vectors",
+                "2",
+                "--steps",
+                "2",
+                "--radius",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
+    f["bank"] = str(run)
+    bank = Bank.load(run)
+    adapters = root / "adapters"
+    assert (
+        _run(
+            [
+                "train",
+                "--method",
+                "adapter",
+                "--model",
+                f["model"],
+                "--prompt",
+                "Hello there.",
+                "--num-vectors",
+                "2",
+                "--steps",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--radius",
+                "0.01x",
+                "--out",
+                str(adapters),
+            ]
+        )
+        == 0
+    )
+    f["adapters"] = str(adapters)
+    data = (run / "bank.safetensors").read_bytes()
+    (root / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    f["truncated"] = str(root / "truncated.safetensors")
+    (root / "corrupt.safetensors").write_bytes(b"\x00" * 64)
+    f["corrupt"] = str(root / "corrupt.safetensors")
+    save_file({"vectors": torch.zeros(2, 32)}, str(root / "listmeta.safetensors"), metadata={"melbo": "[1, 2]"})
+    f["listmeta"] = str(root / "listmeta.safetensors")
+    save_file({"vectors": torch.zeros(2, 32)}, str(root / "badjson.safetensors"), metadata={"melbo": "{oops"})
+    f["badjson"] = str(root / "badjson.safetensors")
+    save_tensors(root / "onedim.safetensors", {"vectors": torch.ones(32)}, {}, "melbo.bank/1")
+    f["onedim"] = str(root / "onedim.safetensors")
+    save_file(
+        {"vectors": torch.full((2, 32), float("inf"))},
+        str(root / "inf.safetensors"),
+        metadata={"melbo": json.dumps({"format": "melbo.bank/1"})},
+    )
+    f["inf"] = str(root / "inf.safetensors")
+    save_file({"x": torch.zeros(2)}, str(root / "plain.safetensors"))
+    f["plain"] = str(root / "plain.safetensors")
+    save_tensors(root / "otherformat.safetensors", {"vectors": torch.zeros(2, 32)}, {}, "melbo.adapters/9")
+    f["otherformat"] = str(root / "otherformat.safetensors")
+    meta = {**bank.meta, "vectors": []}
+    Bank({"vectors": torch.zeros(2, 32)}, meta).save(root / "zero.safetensors")
+    f["zero"] = str(root / "zero.safetensors")
+    Bank({"vectors": torch.ones(2, 32)}, {**meta, "random_vectors": None}).save(root / "norandom.safetensors")
+    f["norandom"] = str(root / "norandom.safetensors")
+    Bank({"vectors": torch.ones(2, 16)}, {k: v for k, v in meta.items() if k != "hidden_size"}).save(
+        root / "narrow.safetensors"
+    )
+    f["narrow"] = str(root / "narrow.safetensors")
+    Bank({"vectors": torch.ones(2, 32)}, {**meta, "model_type": "gpt2"}).save(root / "gpt2bank.safetensors")
+    f["gpt2bank"] = str(root / "gpt2bank.safetensors")
+    (root / "empty").mkdir()
+    f["empty"] = str(root / "empty")
+    (root / "latin1.txt").write_bytes("café au lait\n".encode("latin-1"))
+    f["latin1"] = str(root / "latin1.txt")
+    (root / "blank.txt").write_text("\n   \n")
+    f["blank"] = str(root / "blank.txt")
+    (root / "afile").write_text("I am a file")
+    f["afile"] = str(root / "afile")
+    ro = root / "readonly"
+    ro.mkdir()
+    os.chmod(ro, stat.S_IRUSR | stat.S_IXUSR)
+    f["readonly"] = str(ro) if _make_read_only_for_root(ro) else ""
+    (root / "spec-latin1.json").write_bytes('{"name": "é"}'.encode("latin-1"))
+    f["speclatin1"] = str(root / "spec-latin1.json")
+    (root / "spec-bad.json").write_text('{"name": "x",}')
+    f["specbad"] = str(root / "spec-bad.json")
+    (root / "spec-unknown.json").write_text(json.dumps({"name": "x", "colour": 1, "backdoors": []}))
+    f["specunknown"] = str(root / "spec-unknown.json")
+    (root / "spec-list.json").write_text("[1, 2]")
+    f["speclist"] = str(root / "spec-list.json")
+    planted = root / "planted"
+    obj = spec_to_dict(load_spec(None))
+    obj["model"] = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
+    spec = parse_spec(obj, "tiny")
+    torch.manual_seed(0)
+    tok = build_char_tokenizer()
+    build_model(spec, tok, max_positions=128).save_pretrained(planted)
+    tok.save_pretrained(planted)
+    (planted / "plant_spec.json").write_text(json.dumps(spec_to_dict(spec)))
+    f["planted"] = str(planted)
+    story = dict(spec_to_dict(load_spec("story")))
+    (root / "story-spec.json").write_text(json.dumps(story))
+    f["storyspec"] = str(root / "story-spec.json")
+    nonempty = root / "nonempty"
+    nonempty.mkdir()
+    (nonempty / "x").write_text("x")
+    f["nonempty"] = str(nonempty)
+    yield f
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(ro)], capture_output=True, check=False)
+    os.chmod(ro, stat.S_IRWXU)
+
+
+def _make_read_only_for_root(folder) -> bool:
+    """Root ignores permission bits, so as root mark the folder immutable; False if we cannot."""
+    if os.geteuid() != 0:
+        return True
+    try:
+        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, check=False)
+    except OSError:
+        return False
+    return done.returncode == 0
+
+
+def _run(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return int(e.value.code or 0)
+
+
+# ---------------------------------------------------------------- the catalog
+
+T = [
+    "train",
+    "--model",
+    "{model}",
+    "--prompt",
+    "Hello there.",
+    "--num-vectors",
+    "2",
+    "--steps",
+    "1",
+    "--radius",
+    "2",
+    "--out",
+    "{out}",
+]
+TD = [a for i, a in enumerate(T) if a != "--steps" and T[i - 1] != "--steps"]  # DCT has no steps
+CASES: list[tuple[str, list[str], str]] = []
+
+
+def case(cid: str, argv: list[str], pattern: str) -> None:
+    CASES.append((cid, argv, pattern))
+
+
+def train(cid: str, extra: list[str], pattern: str, base: list[str] = T) -> None:
+    argv = list(base)
+    for i in range(0, len(extra), 2):  # an option given again replaces the base's value
+        if extra[i] in argv and i + 1 < len(extra) and extra[i] not in ("--prompt",):
+            argv[argv.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            argv += extra[i : i + 2]
+    case(cid, argv, pattern)
+
+
+NUMBER = r"must be a finite number"
+for v in ("0", "-1", "inf", "-inf", "nan", "big", "-0.5x", "0x", "1e400", "x", "2y", "--"):
+    train(f"train-radius-{v}", ["--radius", v], rf"bad radius '{v}'|radius" if v != "--" else "radius")
+for flag, name in (("--p", "p"), ("--q", "q")):
+    for v in ("0", "-1", "nan", "inf"):
+        train(f"train-{name}-{v}", [flag, v], rf"{name} must be a finite number > 0, got {v}")
+    train(f"train-{name}-text", [flag, "two"], r"Invalid value for '--" + name)
+for v in ("0", "-1", "100001"):
+    train(
+        f"train-num-vectors-{v}",
+        ["--num-vectors", v],
+        rf"number of vectors must be a whole number in 1\.\.100000, got {v}",
+    )
+train("train-num-vectors-text", ["--num-vectors", "many"], r"Invalid value for '--num-vectors'")
+train("train-num-vectors-over-d", ["--num-vectors", "33"], r"33 mutually orthogonal vectors do not fit d_model = 32")
+for v in ("-1", "1000001"):
+    train(f"train-steps-{v}", ["--steps", v], rf"steps must be a whole number in 0\.\.1000000, got {v}")
+for v in ("0", "-1", "nan", "inf"):
+    train(f"train-lr-{v}", ["--lr", v], rf"learning rate must be a finite number > 0, got {v}")
+for v in ("-1", "2147483648", "99999999999999999999"):
+    train(f"train-seed-{v}", ["--seed", v], rf"seed must be a whole number in 0\.\.2147483647, got {v}")
+for v, pat in (
+    ("last:0", "K must be >= 1"),
+    ("last:x", "bad positions 'last:x'"),
+    ("sideways", "bad positions 'sideways'"),
+    ("1,,2", "bad positions '1,,2'"),
+    ("last:99", "positions last:99 go beyond prompt"),
+    ("99", "token position 99 is beyond prompt"),
+    ("-99", "token position -99 is beyond prompt"),
+    ("", "bad positions ''"),
+):
+    train(f"train-positions-{v or 'empty'}", ["--positions", v], pat)
+for extra, pat in (
+    (["--source-layer", "9"], "source layer 9 is out of range"),
+    (["--source-layer", "-9"], "source layer -9 is out of range"),
+    (["--target-layer", "4"], "target layer 4 is out of range"),
+    (["--source-layer", "3", "--target-layer", "1"], "must come before target layer 1"),
+    (["--source-layer", "2", "--target-layer", "2"], "must come before"),
+    (["--source-layer", "-1", "--target-layer", "0"], "must come before"),
+    (["--source-layer", "one"], "Invalid value for '--source-layer'"),
+):
+    train("train-layers-" + "_".join(extra[1::2]), extra, pat)
+for v in ("0", "-1", "nan"):
+    train(
+        f"train-lambda-{v}",
+        ["--radius", "calibrate", "--lambda", v],
+        rf"calibration ratio λ must be a finite number > 0, got {v}",
+    )
+for v in ("0", "-1"):
+    train(
+        f"train-batch-vectors-{v}",
+        ["--batch-vectors", v],
+        rf"batch of vectors must be a whole number in 1\.\.100000, got {v}",
+    )
+for v in ("0", "-1", "nan", "inf"):
+    train(f"train-memory-{v}", ["--memory-gb", v], rf"memory budget \(GB\) must be a finite number > 0, got {v}")
+for v in ("-1", "nan", "inf"):
+    train(
+        f"train-effect-penalty-{v}", ["--effect-penalty", v], rf"effect penalty must be a finite number >= 0, got {v}"
+    )
+train(
+    "train-orthogonalize-soft-melbo",
+    ["--orthogonalize", "soft"],
+    r"unknown orthogonalization 'soft'; allowed: symmetric, qr, none",
+)
+train("train-orthogonalize-bad", ["--orthogonalize", "gram"], r"Invalid value for '--orthogonalize'")
+for v in ("0", "-1", "33"):
+    pat = (
+        rf"number of DCT factors must be a whole number in 1\.\.1000000, got {v}"
+        if v != "33"
+        else r"33 factors do not fit QR"
+    )
+    train(f"train-dct-factors-{v}", ["--method", "dct", "--factors", v], pat, TD)
+train(
+    "train-dct-iterations",
+    ["--method", "dct", "--iterations", "-1"],
+    r"DCT iterations must be a whole number in 0\.\.100000, got -1",
+    TD,
+)
+for v in ("0", "1.5", "nan", "-1"):
+    train(
+        f"train-dct-beta-{v}",
+        ["--method", "dct", "--beta", v],
+        rf"damping β must be a finite number > 0 and <= 1, got {v}",
+        TD,
+    )
+train(
+    "train-dct-symmetric",
+    ["--method", "dct", "--orthogonalize", "symmetric"],
+    r"unknown orthogonalization 'symmetric'; allowed: qr, soft",
+    TD,
+)
+train("train-dct-steps", ["--method", "dct", "--steps", "3"], r"unknown setting 'steps' for method 'dct'")
+train("train-dct-sigma", ["--method", "dct", "--dct-sigma", "tanh"], r"Invalid value for '--dct-sigma'")
+train("train-dct-init", ["--method", "dct", "--dct-init", "pca"], r"Invalid value for '--dct-init'")
+for v in ("0", "-1"):
+    train(
+        f"train-adapter-rank-{v}",
+        ["--method", "adapter", "--rank", v],
+        rf"adapter rank must be a whole number in 1\.\.100000, got {v}",
+    )
+train(
+    "train-adapter-batch",
+    ["--method", "adapter", "--adapter-batch", "0"],
+    r"adapter batch must be a whole number in 1\.\.100000, got 0",
+)
+train(
+    "train-adapter-calibrate",
+    ["--method", "adapter", "--radius", "calibrate"],
+    r"radius calibrate is not available for adapters",
+)
+train(
+    "train-adapter-mlp-module",
+    ["--method", "adapter", "--mlp-module", "mlp.nothing"],
+    r"--mlp-module 'mlp.nothing' is not a linear layer",
+)
+train(
+    "train-adapter-writes-only",
+    ["--method", "adapter", "--writes-only"],
+    r"unknown setting 'writes_only' for method 'adapter'",
+)
+train("train-rank-for-melbo", ["--rank", "4"], r"unknown setting 'rank' for method 'melbo'")
+train("train-method-bad", ["--method", "sae"], r"Invalid value for '--method'")
+train("train-prompt-empty", ["--prompt", ""], r"prompt 1 is empty")
+train("train-prompt-spaces", ["--prompt", "   "], r"prompt 1 is empty")
+train(
+    "train-prompts-file-missing", ["--prompts-file", "{root}/missing.txt"], r"cannot read --prompts-file .*missing.txt"
+)
+train(
+    "train-prompts-file-latin1",
+    ["--prompts-file", "{latin1}"],
+    r"--prompts-file .*latin1.txt' is not UTF-8 text \(byte 3 is 0xe9\)",
+)
+case(
+    "train-prompts-file-blank",
+    ["train", "--model", "{model}", "--prompts-file", "{blank}", "--out", "{out}"],
+    r"no prompt given",
+)
+case("train-no-prompt", ["train", "--model", "{model}", "--out", "{out}"], r"no prompt given")
+train("train-model-missing", ["--model", "{root}/nothing"], r"model '.*nothing': no such folder")
+train("train-model-empty-folder", ["--model", "{empty}"], r"cannot load model '.*empty' as a folder")
+train(
+    "train-model-pickle", ["--model", "{pickle}"], r"pickle weights only \(pytorch_model.bin\); melbo never unpickles"
+)
+train("train-model-bad-gguf", ["--model", "{badgguf}"], r"cannot load model '.*bad.gguf' as a GGUF file")
+train("train-model-missing-gguf", ["--model", "{root}/none.gguf"], r"no such GGUF file")
+train("train-gguf-file-missing", ["--gguf-file", "x.gguf"], r"--gguf-file 'x.gguf' is not in folder")
+train("train-model-bad-hub-id", ["--model", "not a hub id!"], r"not a Hub id of the form org/name")
+train("train-out-file", ["--out", "{afile}"], r"--out '.*afile' is a file, not a folder")
+train("train-out-under-file", ["--out", "{afile}/sub"], r"is a file, not a folder")
+train("train-out-readonly", ["--out", "{readonly}/run"], r"cannot be written: .*readonly' is read-only")
+train("train-out-existing-run", ["--out", "{bank}"], r"already holds a run; pass --resume")
+train("train-resume-nothing", ["--resume"], r"--resume: no bank.safetensors in")
+train(
+    "train-resume-other-settings",
+    ["--out", "{bank}", "--resume", "--p", "4"],
+    r"the run in the bank has p=2.0, this command asks for 4.0",
+)
+for v in ("0", "-1"):
+    train(
+        f"train-max-new-tokens-{v}",
+        ["--max-new-tokens", v],
+        rf"max new tokens must be a whole number in 1\.\.100000, got {v}",
+    )
+for v in ("-1", "nan", "1000"):
+    train(
+        f"train-temperature-{v}",
+        ["--temperature", v],
+        rf"temperature \(0 is greedy\) must be a finite number >= 0 and <= 100, got {v}",
+    )
+for v in ("0", "1.5", "nan", "-1"):
+    train(f"train-top-p-{v}", ["--top-p", v], rf"top-p must be a finite number > 0 and <= 1, got {v}")
+train("train-device-tpu", ["--device", "tpu"], r"unknown device 'tpu'")
+train("train-device-cuda", ["--device", "cuda:7"], r"CUDA is not available here|unknown device")
+train("train-dtype", ["--dtype", "float8"], r"unknown dtype 'float8'; allowed: auto")
+train(
+    "train-blocks-path",
+    ["--blocks-path", "model.nothing"],
+    r"--blocks-path 'model.nothing' does not name a torch.nn.ModuleList",
+)
+
+G = ["generate", "--bank", "{bank}", "--prompt", "Hi", "--max-new-tokens", "3"]
+for name, pat in (
+    ("truncated", "not a readable safetensors file"),
+    ("corrupt", "not a readable safetensors file"),
+    ("listmeta", "metadata of type list; expected a JSON object"),
+    ("badjson", "malformed metadata"),
+    ("onedim", r"a bank holds vectors of shape \[n, d_model\], got \(32,\)"),
+    ("inf", "tensor 'vectors' holds NaN or inf values"),
+    ("plain", "not a melbo bank .no 'melbo' metadata"),
+    ("otherformat", "has format 'melbo.adapters/9', not a melbo bank"),
+    ("empty", "holds no bank.safetensors"),
+    ("narrow", "bank vectors are 16 wide, model .* has d_model=32"),
+    ("gpt2bank", "model_type='gpt2'.*has model_type='llama'"),
+):
+    for cmd in ("generate", "plot", "ortho"):
+        base = {
+            "generate": G,
+            "plot": ["plot", "--bank", "{bank}", "--out", "{out}"],
+            "ortho": ["ortho", "--bank", "{bank}", "--steps", "1", "--num-vectors", "1", "--out", "{out}"],
+        }[cmd]
+        argv = list(base)
+        argv[argv.index("{bank}")] = "{" + name + "}"
+        case(f"{cmd}-bank-{name}", argv, pat)
+case(
+    "generate-bank-missing",
+    ["generate", "--bank", "{root}/missing", "--prompt", "Hi"],
+    r"bank '.*missing' does not exist",
+)
+for v, pat in (
+    ("99", "vector index 99 is outside the bank, which has 2 vectors"),
+    ("x", "bad vector choice 'x'"),
+    ("3-1", "bad vector choice '3-1'"),
+    ("-5", "vector index -5 is outside"),
+    ("1,7", "vector index 7 is outside"),
+):
+    case(f"generate-vectors-{v}", G + ["--vectors", v], pat)
+for v in ("nan", "inf", "-inf"):
+    case(f"generate-scale-{v}", G + ["--scale", v], rf"scale must be a finite number, got {v}")
+case(
+    "generate-random-none",
+    ["generate", "--bank", "{norandom}", "--prompt", "Hi", "--random"],
+    r"holds no random baseline",
+)
+case("generate-other-model", G + ["--model", "{other}"], r"bank was made for model")
+case("generate-layer", G + ["--layer", "9"], r"layer 9 is out of range")
+case("generate-both", G + ["--adapter", "{adapters}/peft/adapter_000"], r"give exactly one of --bank .* and --adapter")
+case("generate-neither", ["generate", "--prompt", "Hi"], r"give exactly one of --bank .* and --adapter")
+case(
+    "generate-adapter-not-peft", ["generate", "--adapter", "{empty}", "--prompt", "Hi"], r"is not a PEFT adapter folder"
+)
+case(
+    "generate-adapter-rescale",
+    ["generate", "--adapter", "{adapters}/peft/adapter_000", "--prompt", "Hi", "--rescale", "2"],
+    r"--rescale, --mean, --random and --vectors need a bank",
+)
+case(
+    "generate-adapter-other-model",
+    ["generate", "--adapter", "{adapters}/peft/adapter_000", "--prompt", "Hi", "--model", "{other}"],
+    r"targets module .* which model .* does not have",
+)
+case(
+    "generate-adapter-bank-rescale",
+    ["generate", "--bank", "{adapters}", "--prompt", "Hi", "--rescale", "2"],
+    r"--rescale and --mean apply to steering vectors",
+)
+for v in ("0", "-1", "nan"):
+    case(f"generate-rescale-{v}", G + ["--rescale", v], rf"rescale norm must be a finite number > 0, got {v}")
+for v, pat in (("99", "vector index 99 is outside"), ("x", "bad vector choice 'x'")):
+    case(f"generate-mean-{v}", G + ["--mean", v], pat)
+case("generate-prompts-latin1", ["generate", "--bank", "{bank}", "--prompts-file", "{latin1}"], r"not UTF-8 text")
+case("generate-prompt-empty", ["generate", "--bank", "{bank}", "--prompt", ""], r"prompt 0 is empty")
+case("generate-steer-bad", G + ["--steer", "sometimes"], r"Invalid value for '--steer'")
+case("generate-max-new-tokens", G + ["--max-new-tokens", "0"], r"max new tokens must be a whole number")
+
+OR = ["ortho", "--bank", "{bank}", "--steps", "1", "--num-vectors", "1", "--out", "{out}"]
+case("ortho-both", OR + ["--vector-file", "{afile}"], r"give exactly one of --bank and --vector-file")
+case("ortho-neither", ["ortho", "--out", "{out}"], r"give exactly one of --bank and --vector-file")
+case("ortho-vector-index", OR + ["--vector", "9"], r"vector index 9 is outside the bank")
+case(
+    "ortho-vector-file-missing",
+    ["ortho", "--vector-file", "{root}/v.safetensors", "--model", "{model}", "--out", "{out}"],
+    r"steering vector '.*v.safetensors' does not exist",
+)
+case(
+    "ortho-vector-file-corrupt",
+    ["ortho", "--vector-file", "{corrupt}", "--model", "{model}", "--out", "{out}"],
+    r"not a readable safetensors file",
+)
+case(
+    "ortho-vector-file-bank",
+    ["ortho", "--vector-file", "{bank}/bank.safetensors", "--model", "{model}", "--out", "{out}"],
+    r"has format 'melbo.bank/1', not a melbo steering vector",
+)
+case(
+    "ortho-adapter-bank",
+    ["ortho", "--bank", "{adapters}", "--out", "{out}"],
+    r"starts from a steering vector; the bank holds adapters",
+)
+for flag, v, pat in (
+    ("--num-vectors", "0", r"number of vectors must be a whole number in 1"),
+    ("--steps", "0", r"steps must be a whole number in 1"),
+    ("--lr", "0", r"learning rate must be"),
+    ("--lr", "nan", r"learning rate must be"),
+    ("--min-norm", "-1", r"minimum norm must be a finite number >= 0"),
+    ("--min-norm", "inf", r"minimum norm must be"),
+    ("--positions", "last:0", r"K must be >= 1"),
+    ("--source-layer", "9", r"source layer 9 is out of range"),
+):
+    case(f"ortho-{flag[2:]}-{v}", OR + [flag, v], pat)
+case("ortho-out-file", OR[:-1] + ["{afile}"], r"is a file, not a folder")
+case(
+    "ortho-zero-base", ["ortho", "--bank", "{zero}", "--out", "{out}", "--model", "{model}"], r"the base vector is zero"
+)
+
+P = ["plot", "--bank", "{bank}", "--out", "{out}"]
+for v, pat in (
+    ("9", "vector index 9 is outside"),
+    ("x", "bad --reference 'x'; allowed: one vector index or none"),
+    ("0,1", "bad --reference '0,1'"),
+):
+    case(f"plot-reference-{v}", P + ["--reference", v], pat)
+case("plot-vectors", P + ["--vectors", "5"], r"vector index 5 is outside")
+case("plot-window", P + ["--window", "0"], r"moving-average window must be a whole number >= 1, got 0")
+case("plot-batch-size", P + ["--batch-size", "0"], r"batch size must be a whole number >= 1, got 0")
+case("plot-zero-bank", ["plot", "--bank", "{zero}", "--out", "{out}"], r"every chosen vector is zero")
+case("plot-adapters", ["plot", "--bank", "{adapters}", "--out", "{out}"], r"melbo plot measures steering vectors")
+case("plot-out-file", ["plot", "--bank", "{bank}", "--out", "{afile}"], r"is a file, not a folder")
+case("plot-out-readonly", ["plot", "--bank", "{bank}", "--out", "{readonly}/p"], r"read-only")
+case("plot-random-none", ["plot", "--bank", "{norandom}", "--random", "--out", "{out}"], r"holds no random baseline")
+case("plot-scale", P + ["--scale", "nan"], r"scale must be a finite number, got nan")
+
+C = ["calibrate", "--model", "{model}", "--prompt", "Hello there, world!"]
+for v, pat in (
+    ("x", "bad --bracket 'x'"),
+    ("1", "bad --bracket '1'"),
+    ("5,1", r"bad calibration bracket \(5.0, 1.0\)"),
+    ("0,1", r"bad calibration bracket \(0.0, 1.0\)"),
+    ("-1,2", "bad calibration bracket"),
+    ("1,inf", "bad calibration bracket"),
+    ("1,2,3", "bad --bracket '1,2,3'"),
+):
+    case(f"calibrate-bracket-{v}", C + ["--bracket", v], pat)
+for flag, v, pat in (
+    ("--lambda", "0", "calibration ratio λ must be"),
+    ("--lambda", "-1", "calibration ratio λ must be"),
+    ("--directions", "0", "number of calibration directions must be a whole number in 1"),
+    ("--positions", "sideways", "bad positions 'sideways'"),
+    ("--source-layer", "3", "must come before"),
+):
+    case(f"calibrate-{flag[2:]}-{v}", C + [flag, v], pat)
+case("calibrate-no-root", C + ["--bracket", "0.001,0.002"], r"no root in the bracket|already .* at the low end")
+case("calibrate-json-readonly", C + ["--json", "{readonly}/x/c.json"], r"read-only")
+case("calibrate-no-prompt", ["calibrate", "--model", "{model}"], r"no prompt given")
+case("calibrate-model-missing", ["calibrate", "--model", "{root}/none", "--prompt", "x"], r"no such folder")
+
+PL = ["plant", "--out", "{out}", "--steps", "1"]
+for name, pat in (
+    ("speclatin1", r"spec file .* is not UTF-8 text"),
+    ("specbad", r"is not valid JSON \(line 1"),
+    ("specunknown", r"unknown field 'colour'"),
+    ("speclist", r"must be a JSON object, got list"),
+):
+    case(f"plant-spec-{name}", PL + ["--spec", "{" + name + "}"], pat)
+case("plant-spec-missing", PL + ["--spec", "{root}/nope.json"], r"cannot read spec file")
+case("plant-spec-unknown-name", PL + ["--spec", "third"], r"cannot read spec file 'third'")
+for v, pat in (
+    ("-1", r"seed -1 is not allowed; allowed: an integer in 0\.\.2147483647"),
+    ("99999999999", r"seed 99999999999 is not allowed"),
+):
+    case(f"plant-seed-{v}", PL + ["--seed", v], pat)
+case("plant-steps-0", ["plant", "--out", "{out}", "--steps", "0"], r"steps 0 is not allowed; allowed: an integer >= 1")
+case("plant-noise", PL + ["--noise", "-1"], r"noise.residual_std = -1.0 is not allowed")
+case("plant-device", PL + ["--device", "tpu"], r"device 'tpu' is not a torch device|not supported")
+case("plant-device-cuda", PL + ["--device", "cuda"], r"CUDA is not available")
+case("plant-out-nonempty", PL[:2] + ["{nonempty}", "--steps", "1"], r"exists and is not an empty folder")
+case("plant-out-file", ["plant", "--out", "{afile}", "--steps", "1"], r"exists and is not an empty folder")
+
+B = ["bench", "backdoor", "--model", "{planted}", "--num-vectors", "1", "--steps", "1", "--out", "{out}"]
+for v, pat in (
+    ("colour=red", "unknown sweep key 'colour'"),
+    ("0.5x,1x", "must start with KEY=VALUE"),
+    ("p=2,p=4", "appears twice"),
+    ("p=two", "bad value 'two' for sweep key 'p'"),
+    ("radius=big", "bad radius 'big'"),
+    ("method=sae", "allowed: melbo, dct, adapter"),
+    ("writes-only=maybe", "true/false"),
+    ("positions=last:0", "K must be >= 1"),
+    ("p=2,", "empty value"),
+    ("orthogonalize=none", "allowed: qr, soft"),
+):
+    case(f"bench-sweep-{v}", B + ["--sweep", v], pat)
+for v, pat in (
+    ("1,x", "bad scale 'x'"),
+    ("0", "scale must be a finite number > 0"),
+    ("-2", "scale must be"),
+    ("nan", "scale must be"),
+):
+    case(f"bench-scales-{v}", B + ["--scales", v], pat)
+for extra, pat in (
+    (["--radius", "big"], "bad radius 'big'"),
+    (["--num-vectors", "0"], "number of vectors must be"),
+    (["--num-prompts", "0"], r"whole number in 1\.\.100, got 0"),
+    (["--num-prompts", "101"], r"whole number in 1\.\.100, got 101"),
+    (["--prompt", "a=0+1, b=2+3. What is a*b?"], "triggers the planted behavior 'hate'"),
+    (["--prompt", "Once upon a time"], "not an arithmetic prompt of the planted task"),
+    (["--method", "sae"], "Invalid value for '--method'"),
+    (["--method", "melbo", "--p", "0"], "p must be a finite number > 0"),
+    (["--positions", "x"], "bad positions 'x'"),
+    (["--method", "adapter", "--rank", "0"], "adapter rank must be"),
+    (["--method", "adapter", "--writes-only"], "writes-only is for vectors"),
+    (["--method", "dct", "--factors", "0"], "number of DCT factors must be"),
+    (["--spec", "{storyspec}"], "is of the story task, but model .* is an arithmetic model"),
+    (["--out", "{afile}"], "is a file, not a folder"),
+    (["--seed", "-1"], "seed must be a whole number"),
+):
+    case("bench-" + "_".join(x.strip("-{}").replace("/", "") for x in extra)[:40], B + extra, pat)
+case("bench-not-planted", ["bench", "backdoor", "--model", "{model}", "--out", "{out}"], r"has no plant_spec.json")
+case(
+    "bench-model-missing", ["bench", "backdoor", "--model", "{root}/none", "--out", "{out}"], r"has no plant_spec.json"
+)
+
+CAP = ["bench", "capability", "--model", "{model}", "--num-vectors", "1", "--steps", "1", "--out", "{out}"]
+for extra, pat in (
+    (["--digits", "x"], "Invalid value for --digits: 'x'; give the digits of a and b like 2,1"),
+    (["--digits", "9,1"], r"digits of a must be a whole number in 1\.\.4, got 9"),
+    (["--num-test", "0"], "test instances must be a whole number in 1"),
+    (["--num-train", "0"], "training instances must be a whole number in 1"),
+    (["--op", "divide"], "Invalid value for '--op'"),
+    (["--radius", "-1"], "bad radius '-1'"),
+    (["--out", "{afile}"], "is a file, not a folder"),
+):
+    case("capability-" + "_".join(x.strip("-{}") for x in extra), CAP + extra, pat)
+case("demo-out-file", ["demo", "--out", "{afile}", "--part", "planted"], r"is a file, not a folder")
+case("demo-part", ["demo", "--part", "some"], r"Invalid value for '--part'")
+
+
+def test_the_catalog_has_at_least_200_cases():
+    assert len(CASES) >= 200, len(CASES)
+    assert len({c[0] for c in CASES}) == len(CASES)  # unique ids
+
+
+@pytest.mark.parametrize("cid, argv, pattern", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_a_clear_error_and_writes_nothing(files, tmp_path, capsys, cid, argv, pattern):
+    import re
+
+    out = tmp_path / "out"
+    if any("{readonly}" in a for a in argv) and not files["readonly"]:
+        pytest.skip("running as root where `chattr +i` fails: no folder is read-only for root here")
+    values = {**files, "out": str(out)}
+    argv = [a.format(**values) for a in argv]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = _run(argv)
+    err = capsys.readouterr().err
+    assert code == 2, (code, err[-2000:])
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") or "Error: " in last, last
+    assert re.search(pattern, err), err[-1500:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
