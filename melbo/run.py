@@ -165,6 +165,7 @@ def train(
         next(x for x in (s.target_layer, h_tgt, d_tgt) if x is not None),
         L,
     )
+    s.check_model(lm.d_model)
     batch = encode_prompts(lm.tokenizer, prompts, s.positions, s.chat)
     sweep = None
     if hasattr(s, "radius") and parse_radius(s.radius).kind == "auto":

@@ -72,6 +72,10 @@ class AdapterSettings(CommonSettings):
             self.lr = check_positive("learning rate", self.lr)
         self.batch = check_int("adapter batch", self.batch, 1, 100_000)
 
+    def check_model(self, d_model: int) -> None:
+        if self.rank is not None and self.rank > d_model:
+            raise MelboError(f"adapter rank {self.rank} is above d_model = {d_model}; allowed: 1..{d_model}")
+
 
 def normalize_adapter(omega_a: torch.Tensor, omega_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit rows of Ω_A (``[..., d_hidden, r]``) and unit columns of Ω_B (``[..., d_model, r]``)."""

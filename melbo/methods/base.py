@@ -65,6 +65,13 @@ class CommonSettings:
         """Default source and target layers this method's inputs suggest (None: the model's rule)."""
         return None, None
 
+    def check_model(self, d_model: int) -> None:
+        """Checks that need the model's width, run before any work (e.g. before an R sweep).
+
+        Raises:
+            MelboError: the settings cannot work on a model of width ``d_model``.
+        """
+
     def to_meta(self) -> dict:
         """The settings as JSON-able metadata (tensors and vectors left out)."""
         out: dict[str, Any] = {}

@@ -53,6 +53,9 @@ class DCTSettings(CommonSettings):
         self.lam = check_positive("calibration ratio λ", self.lam)
         self.writes_only = bool(self.writes_only)
 
+    def check_model(self, d_model: int) -> None:
+        self.config().factors_for(d_model)
+
     def config(self) -> DCTConfig:
         """The fit's :class:`DCTConfig` (validated)."""
         return DCTConfig(

@@ -73,6 +73,13 @@ class MelboSettings(CommonSettings):
         if self.memory_gb is not None:
             self.memory_gb = check_positive("memory budget (GB)", self.memory_gb)
 
+    def check_model(self, d_model: int) -> None:
+        if self.num_vectors > d_model:
+            raise MelboError(
+                f"{self.num_vectors} mutually orthogonal vectors do not fit d_model = {d_model}; "
+                f"allowed: at most {d_model}"
+            )
+
 
 def row_bytes(lm: LoadedModel, blocks: int, tokens: int, dtype_bytes: int) -> int:
     """Estimated activation memory of one (vector, prompt) row through ``blocks`` blocks with
@@ -118,11 +125,7 @@ class MelboMethod:
 
     def __init__(self, ctx: Context):
         self.ctx, s = ctx, ctx.settings
-        if s.num_vectors > ctx.lm.d_model:
-            raise MelboError(
-                f"{s.num_vectors} mutually orthogonal vectors do not fit d_model = {ctx.lm.d_model}; "
-                f"allowed: at most {ctx.lm.d_model}"
-            )
+        s.check_model(ctx.lm.d_model)
         self.slice = Slice(ctx.lm.model, ctx.lm.blocks, ctx.batch, ctx.src, ctx.tgt, writes_only=s.writes_only)
         self.residual_norm = self.slice.residual_norm()
         self.radius, calibration = resolve_radius(s.radius, self.residual_norm, ctx, s.writes_only, s.lam, s.seed)
