@@ -19,7 +19,7 @@ from melbo.planted.bench_report import summary_lines
 from melbo.planted.fixtures import demo_model, load_planted_lm
 from melbo.planted.plant import check_report, format_report
 from melbo.planted.plant import plant as run_plant
-from melbo.planted.spec import load_spec, with_noise
+from melbo.planted.spec import PACKAGED_SPECS, load_spec, with_noise
 from melbo.planted.sweep import run_sweep
 
 PLANTED_HELP = "\b\nDefaults per task and method (melbo.defaults.PLANTED):\n" + "\n".join(
@@ -35,7 +35,7 @@ PLANTED_HELP = "\b\nDefaults per task and method (melbo.defaults.PLANTED):\n" + 
     "spec_path",
     type=click.Path(),
     default=None,
-    help="Planted-behavior spec: a JSON file, or a packaged one by name: default, second, story, story-second.",
+    help="Planted-behavior spec: a JSON file, or a packaged one by name: " + ", ".join(PACKAGED_SPECS) + ".",
 )
 @click.option("--out", required=True, type=click.Path(), help="Folder to write the model, spec and report to.")
 @click.option("--seed", type=int, default=None, help="Override the spec's train.seed.")
