@@ -22,10 +22,12 @@ files), :mod:`melbo.methods` (one module per method), :mod:`melbo.run` (the orch
 from melbo._version import __version__
 from melbo.api import calibrate, ortho
 from melbo.bank import Bank
+from melbo.chat import ChatSession
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
 from melbo.core.models import LoadedModel, load_model, wrap_model
 from melbo.defaults import DEFAULTS
+from melbo.export import export_gguf, vectors_from_gguf
 from melbo.methods.calibrate import Calibration, CalibrationError
 from melbo.methods.registry import METHODS
 from melbo.run import train
@@ -37,6 +39,7 @@ __all__ = [
     "Bank",
     "Calibration",
     "CalibrationError",
+    "ChatSession",
     "GenerationConfig",
     "LoadedModel",
     "MelboError",
@@ -44,8 +47,10 @@ __all__ = [
     "SteeringVector",
     "__version__",
     "calibrate",
+    "export_gguf",
     "load_model",
     "ortho",
     "train",
+    "vectors_from_gguf",
     "wrap_model",
 ]

@@ -11,6 +11,8 @@ import sys
 import click
 
 from melbo.cli.capability import capability
+from melbo.cli.chat import chat
+from melbo.cli.export import export
 from melbo.cli.look import generate, plot
 from melbo.cli.planted import bench, demo, plant
 from melbo.cli.train import calibrate, ortho, train
@@ -24,7 +26,7 @@ def cli() -> None:
     behaviors, with no labels (MELBO and deep causal transcoding)."""
 
 
-for command in (train, generate, ortho, plot, calibrate, plant, bench, demo):
+for command in (train, generate, chat, export, ortho, plot, calibrate, plant, bench, demo):
     cli.add_command(command)
 bench.add_command(capability)
 
