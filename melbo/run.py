@@ -34,11 +34,14 @@ from melbo.core.io import check_writable, make_dir, remove_stale_temps
 from melbo.core.models import LoadedModel, check_layers, default_layers, load_model
 from melbo.core.prompts import check_prompts, encode_prompts
 from melbo.core.radius import parse_radius
+from melbo.measure import kl_label
 from melbo.methods.base import Context, Fit, make_settings
 from melbo.methods.radius_sweep import sweep_radius, write_sweep
 from melbo.methods.registry import METHODS, get_method
 from melbo.report.completions import evaluate_bank
+from melbo.report.html import write_html_report
 from melbo.report.measures import write_measures
+from melbo.report.plot import plot_curves
 from melbo.report.summary import write_summary
 
 __all__ = ["METHODS", "RunFolder", "get_method", "train"]
@@ -253,5 +256,29 @@ def train(
                 write_measures(run.path, bank, kl, idx, 0, title=f"{cls.name} ({lm.name}, {src}→{tgt}): ")
                 ev["kl_to_base"] = kl.to_reference.tolist() if kl.to_reference is not None else None
                 ev["kl_to_unsteered"] = kl.to_unsteered.tolist()
-                write_summary(run.path, bank, ev)
+            _kl_and_report(run.path, bank, ev)
     return bank
+
+
+def _kl_and_report(folder: Path, bank: Bank, ev: dict) -> None:
+    """Add the KL divergence to the unsteered model (learned and random, METHOD.md section 3)
+    to the evaluation, rewrite the summary, and write ``report.html``."""
+    if "kl_to_unsteered" not in ev:
+        ev["kl_to_unsteered"] = bank.kl().to_unsteered.tolist()
+    rand = bank.random
+    if rand is not None and len(rand) and "kl_random_to_unsteered" not in ev:
+        ev["kl_random_to_unsteered"] = rand.kl().to_unsteered.tolist()
+    write_summary(folder, bank, ev)
+    if not (folder / "kl.png").exists():
+        series = {"learned": ev["kl_to_unsteered"]}
+        if ev.get("kl_random_to_unsteered"):
+            series["random, same R"] = ev["kl_random_to_unsteered"]
+        plot_curves(
+            folder / "kl.png",
+            series,
+            f"{kl_label(ref='unsteered')} (nats), last prompt position",
+            f"KL divergence to the unsteered model per {bank.kind}, learned and random (METHOD.md section 3)",
+            window=10,
+            xlabel=f"{bank.kind} index",
+        )
+    write_html_report(folder)

@@ -87,7 +87,7 @@ def test_run_folder_holds_bank_completions_summary(tmp_path):
         show_progress=False,
     )
     names = {p.name for p in out.iterdir()}
-    assert names == {"bank.safetensors", "completions.jsonl", "summary.md", "summary.json"}
+    assert names == {"bank.safetensors", "completions.jsonl", "summary.md", "summary.json", "report.html", "kl.png"}
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {(r["kind"], r["split"]) for r in rows} == {
         (k, s) for k in ("unsteered", "learned", "random") for s in ("train", "heldout")

@@ -15,6 +15,7 @@ from melbo.cli.chat import chat
 from melbo.cli.export import export
 from melbo.cli.look import generate, plot
 from melbo.cli.planted import bench, demo, plant
+from melbo.cli.report import report
 from melbo.cli.train import calibrate, ortho, train
 from melbo.core.errors import MelboError
 
@@ -26,7 +27,7 @@ def cli() -> None:
     behaviors, with no labels (MELBO and deep causal transcoding)."""
 
 
-for command in (train, generate, chat, export, ortho, plot, calibrate, plant, bench, demo):
+for command in (train, generate, chat, export, report, ortho, plot, calibrate, plant, bench, demo):
     cli.add_command(command)
 bench.add_command(capability)
 

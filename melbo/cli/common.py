@@ -142,4 +142,4 @@ def print_run(bank: Bank) -> None:
                 f"{ev['seconds_per_vector']:.2f} s per perturbation"
             )
         if ev.get("out"):
-            click.echo(f"results: {ev['out']}/summary.md (and bank.safetensors, completions.jsonl)")
+            click.echo(f"results: {ev['out']}/summary.md (and report.html, bank.safetensors, completions.jsonl)")

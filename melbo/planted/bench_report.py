@@ -8,16 +8,18 @@ import os
 from pathlib import Path
 
 from melbo.core.io import make_dir, write_json, write_text
+from melbo.report.html import write_html_report
 
 BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
 
 
 def write_report(out: str | os.PathLike, report: dict) -> Path:
-    """Write ``bench.json`` and ``bench.md`` into ``out`` (created), atomically. Returns the folder."""
+    """Write ``bench.json``, ``bench.md`` and ``report.html`` into ``out`` (created), atomically. Returns the folder."""
     folder = Path(out)
     make_dir(folder)
     write_json(folder / BENCH_JSON, report, indent=1)
     write_text(folder / BENCH_MD, report_markdown(report))
+    write_html_report(folder)
     return folder
 
 
