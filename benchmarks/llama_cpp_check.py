@@ -5,11 +5,12 @@ transformers logits, on a real model converted with llama.cpp's own converter.
 Opt-in (not a test: it needs llama-cpp-python, built from its PyPI source package, and llama.cpp's
 ``convert_hf_to_gguf.py``, which that package vendors):
 
-    pip download llama-cpp-python --no-deps --no-binary :all: -d /tmp/llama
+    pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all: -d /tmp/llama
     tar xzf /tmp/llama/llama_cpp_python-*.tar.gz -C /tmp/llama
-    CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF" \\
-        .venv/bin/pip install --no-deps /tmp/llama/llama_cpp_python-*.tar.gz
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llama_cpp_check.py \\
+    .venv/bin/pip install scikit-build-core cmake ninja diskcache sentencepiece
+    CMAKE_ARGS="-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF" \
+        .venv/bin/pip install --no-deps --no-build-isolation /tmp/llama/llama_cpp_python-*.tar.gz  # ~25 min, 1 core
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/llama_cpp_check.py \
         --converter /tmp/llama/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py
 
 Steps: convert ``../shared/models/stories260k`` to an F32 GGUF; train MELBO vectors on it with
@@ -104,7 +105,7 @@ def main() -> None:
             "| prompt | scale | max abs Δ logit, llama.cpp vs melbo | steering effect (max abs, melbo) | top-1 agree |"
         )
         print("|---|---|---|---|---|")
-        worst = 0.0
+        worst, worst_plain, worst_ratio = 0.0, 0.0, 0.0
         for p, prompt in enumerate(PROMPTS):
             ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"]
             with torch.no_grad():
@@ -112,7 +113,7 @@ def main() -> None:
             ll_plain = llama_logits(llm, llama_cpp, ids[0].tolist(), None, n_layer)
             d0 = float(np.abs(ll_plain - hf_plain).max())
             print(f"| {p} | unsteered | {d0:.2e} | 0 | {np.mean(ll_plain.argmax(1) == hf_plain.argmax(1)):.2f} |")
-            worst = max(worst, d0)
+            worst_plain = max(worst_plain, d0)
             for s in (float(x) for x in args.scales.split(",")):
                 cv_path = Path(tmp) / f"cv-{p}-{s}.gguf"
                 melbo.export_gguf(bank, [args.vector], cv_path, scale=s)
@@ -124,10 +125,18 @@ def main() -> None:
                 agree = float(np.mean(ll.argmax(1) == hf.argmax(1)))
                 print(f"| {p} | {s:g} | {d:.2e} | {effect:.3g} | {agree:.2f} |")
                 worst = max(worst, d)
+                worst_ratio = max(worst_ratio, d / effect)
         llama_logits(llm, llama_cpp, [1], None, n_layer)  # clear the control vector
-    tol = 1e-3
-    print(f"worst max |Δ logit| = {worst:.2e} (tolerance {tol:g}: {'PASS' if worst <= tol else 'FAIL'})")
-    sys.exit(0 if worst <= tol else 1)
+    # llama.cpp and transformers already differ unsteered (kernels, float32 sums in another order);
+    # the control vector passes when it adds no more than that, and the difference stays a small
+    # fraction of what the vector changes (a vector at the wrong block changes logits by the effect).
+    ok = worst <= 2 * worst_plain + 1e-3 and worst_ratio <= 0.01
+    print(
+        f"steered: worst max |Δ logit| = {worst:.2e} (unsteered {worst_plain:.2e}); worst Δ / steering effect = "
+        f"{worst_ratio:.1e}; pass when steered Δ ≤ 2 × unsteered Δ + 1e-3 and Δ / effect ≤ 0.01: "
+        f"{'PASS' if ok else 'FAIL'}"
+    )
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
