@@ -146,3 +146,8 @@ def test_melbo_chat_bad_inputs(chat_dir, tmp_path, capsys):
     assert code == 2 and "vector index 7 is outside the bank" in err
     code, err = run("--bank", str(chat_dir / "run"), "--transcript", str(tmp_path), "--device", "cpu")
     assert code == 2 and "is a folder" in err
+    other = tmp_path / "other"
+    tiny_model("gpt2").save_pretrained(other)
+    char_tokenizer().save_pretrained(other)
+    code, err = run("--bank", str(chat_dir / "run"), "--model", str(other), "--device", "cpu")
+    assert code == 2 and "bank was made for model" in err
