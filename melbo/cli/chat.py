@@ -9,10 +9,9 @@ import click
 
 from melbo.bank import Bank
 from melbo.chat import ChatSession
-from melbo.cli.common import model_options, open_model
+from melbo.cli.common import model_options, open_model, steer_option
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
-from melbo.core.hooks import STEER_POSITIONS
 from melbo.core.io import check_writable
 
 HELP = """commands:
@@ -65,13 +64,7 @@ def _command(session: ChatSession, line: str) -> bool:
 @click.option("--vector", "vector", type=int, default=0, help="The vector to start with.")
 @click.option("--random", "use_random", is_flag=True, help="Start with the bank's random baseline vector instead.")
 @click.option("--scale", type=float, default=1.0, help="Multiply the vector by this (1 = the bank's radius R).")
-@click.option(
-    "--steer",
-    "steer_positions",
-    type=click.Choice(STEER_POSITIONS),
-    default="all",
-    help="Where the vector is added: every position of each pass, only the prompt, or only generated tokens.",
-)
+@steer_option
 @click.option("--system", default=None, help="A system message to start the conversation with.")
 @click.option(
     "--transcript",

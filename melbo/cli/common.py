@@ -10,6 +10,7 @@ import click
 from melbo.bank import Bank
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
+from melbo.core.hooks import STEER_POSITIONS
 from melbo.core.io import read_text
 from melbo.core.models import LoadedModel, load_model
 from melbo.report.summary import share
@@ -143,3 +144,12 @@ def print_run(bank: Bank) -> None:
             )
         if ev.get("out"):
             click.echo(f"results: {ev['out']}/summary.md (and report.html, bank.safetensors, completions.jsonl)")
+
+
+steer_option = click.option(
+    "--steer",
+    "steer_positions",
+    type=click.Choice(STEER_POSITIONS),
+    default="all",
+    help="Where the vector is added: every position of each pass, only the prompt, or only generated tokens.",
+)

@@ -16,10 +16,10 @@ from melbo.cli.common import (
     print_completions,
     prompt_options,
     read_prompts,
+    steer_option,
 )
 from melbo.core.errors import MelboError
 from melbo.core.generate import generate_rows
-from melbo.core.hooks import STEER_POSITIONS
 from melbo.core.io import check_writable
 from melbo.core.lora import linear_dims, module_by_name
 from melbo.core.peft import load_peft_adapter
@@ -44,13 +44,7 @@ def _print_span(name: str, vals: list[float]) -> None:
 @click.option("--random", "use_random", is_flag=True, help="Use the bank's random baseline instead.")
 @click.option("--model", default=None, help="Model (default: the one in the bank's metadata).")
 @click.option("--layer", type=int, default=None, help="Block to add vectors after (default: the bank's source layer).")
-@click.option(
-    "--steer",
-    "steer_positions",
-    type=click.Choice(STEER_POSITIONS),
-    default="all",
-    help="Where vectors are added: all positions, only the prompt, or only generated tokens.",
-)
+@steer_option
 @click.option("--no-unsteered", is_flag=True, help="Do not print the unsteered completion.")
 @click.option(
     "--adapter", default=None, type=click.Path(), help="Apply one PEFT LoRA folder (e.g. RUN/peft/adapter_003)."
