@@ -249,7 +249,6 @@ def train(
         )
         bank.evaluation = ev
         if run is not None:
-            write_summary(run.path, bank, ev)
             if getattr(cls, "writes_measures", False):
                 idx = list(range(len(bank)))
                 kl = bank.kl(reference=0)

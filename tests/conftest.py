@@ -90,6 +90,24 @@ def tiny_loaded(arch: str, seed: int = 0):
     return wrap_model(tiny_model(arch, seed), char_tokenizer(), name=f"tiny-{arch}")
 
 
+def tiny_run(out: Path, prompt: str, num_vectors: int, lm=None):
+    """A small evaluated MELBO run into ``out`` (3 steps, R = 2, one held-out prompt, 6 new
+    tokens) on ``lm`` (default: the tiny llama). Returns the bank."""
+    import melbo
+
+    return melbo.train(
+        lm if lm is not None else tiny_loaded("llama"),
+        prompt,
+        out=out,
+        num_vectors=num_vectors,
+        steps=3,
+        radius="2",
+        heldout=["A dog."],
+        generation=melbo.GenerationConfig(max_new_tokens=6),
+        show_progress=False,
+    )
+
+
 @pytest.fixture(params=FAST_ARCHS)
 def loaded(request):
     return tiny_loaded(request.param)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_loaded
+from conftest import tiny_loaded, tiny_run
 
 import melbo
 from melbo.bank import Bank
@@ -75,17 +75,7 @@ def test_in_memory_run_returns_an_attached_bank():
 def test_run_folder_holds_bank_completions_summary(tmp_path):
     lm = tiny_loaded("llama")
     out = tmp_path / "run"
-    bank = melbo.train(
-        lm,
-        PROMPT,
-        out=out,
-        num_vectors=2,
-        steps=3,
-        radius="2",
-        heldout=["A dog."],
-        generation=melbo.GenerationConfig(max_new_tokens=6),
-        show_progress=False,
-    )
+    bank = tiny_run(out, PROMPT, num_vectors=2, lm=lm)
     names = {p.name for p in out.iterdir()}
     assert names == {"bank.safetensors", "completions.jsonl", "summary.md", "summary.json", "report.html", "kl.png"}
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text(encoding="utf-8").splitlines()]

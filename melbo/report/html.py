@@ -106,8 +106,8 @@ def report_data(folder: str | os.PathLike) -> dict[str, Any]:
             f"{str(root)!r} holds no {BANK_FILE} (nor bench.md); give a melbo run folder (melbo train --out) "
             f"or a benchmark folder (melbo bench ... --out)"
         )
-    data: dict[str, Any] = {"folder": str(root), "plots": [], "cards": [], "bench": None, "sweep": None}
-    data["plots"] = [{"name": n, "src": _data_uri(root / n)} for n in PLOTS if (root / n).is_file()]
+    plots = [{"name": n, "src": _data_uri(root / n)} for n in PLOTS if (root / n).is_file()]
+    data: dict[str, Any] = {"folder": str(root), "plots": plots, "cards": [], "bench": None, "sweep": None}
     if bench_md.is_file():
         data["bench"] = read_text(bench_md, "benchmark report")
     if not (root / BANK_FILE).is_file():
@@ -148,9 +148,9 @@ def report_data(folder: str | os.PathLike) -> dict[str, Any]:
             "learned_spread": _mean_offdiag(d[:n, :n]),
             "random_spread": _mean_offdiag(d[n:, n:]),
         }
+    held = [p for p in prompts if split[p] == "heldout"]
     for j, v in enumerate(evaluated):
         info = bank.info(v)
-        held = [p for p in prompts if split[p] == "heldout"]
         gen = [by[("learned", v, p)] for p in held]
         card = {
             "index": v,

@@ -8,9 +8,8 @@ import re
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_loaded
+from conftest import tiny_run
 
-import melbo
 from melbo.cli import cli, main
 from melbo.core.errors import MelboError
 from melbo.report.html import clusters, markdown_html, report_data, write_html_report
@@ -21,17 +20,7 @@ PROMPT = "Hello there, world!"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "run"
-    melbo.train(
-        tiny_loaded("llama"),
-        PROMPT,
-        out=out,
-        num_vectors=3,
-        steps=3,
-        radius="2",
-        heldout=["A dog."],
-        generation=melbo.GenerationConfig(max_new_tokens=6),
-        show_progress=False,
-    )
+    tiny_run(out, PROMPT, num_vectors=3)
     return out
 
 
