@@ -7,4 +7,4 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[test,real]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[test,real,sweep]'

@@ -81,6 +81,23 @@ _TABLE: dict[str, dict[str, tuple[Any, str]]] = {
         "batch": (8, "adapters trained at once (independent: speed only)"),
         "mlp_module": (None, "found by name (mlp.down_proj, mlp.c_proj, ...)"),
     },
+    "rank1": {
+        "source_layer": (None, "default_layers(L)"),
+        "target_layer": (None, "default_layers(L)"),
+        "positions": ("all", "as for vectors"),
+        "num_vectors": (64, "a population: factors trained at once"),
+        "seed": (0, "reproducible runs"),
+        "chat": (False, "prompts as given"),
+        "radius": ("0.01x", "as for adapters"),
+        "rank": (1, "rank-1 factors (CPE)"),
+        "p": (2.0, "METHOD.md section 1"),
+        "q": (1.0, "METHOD.md section 1"),
+        "steps": (30, "CPE's 30 iterations"),
+        "lr": (None, "0.2/√d_model: 30 steps on unit a, b (stories260k: objective x400 at 0.025)"),
+        "batch": (64, "factors per forward chunk (memory only)"),
+        "mlp_module": (None, "found by name (mlp.down_proj, mlp.c_proj, ...)"),
+        "ortho": (10.0, "λ in units of the mean objective; stories260k, 64 factors: RMS overlap 0.79 at 0, 0.17 at 10"),
+    },
     "ortho": {
         "source_layer": (None, "the base vector's layer"),
         "target_layer": (None, "the base vector's target layer"),
@@ -110,11 +127,13 @@ PLANTED: dict[str, dict[str, dict[str, Any]]] = {
         "melbo": {"radius": "0.35x", "positions": "all", "scales": (1.0, 1.5, 2.0, 2.5, 3.0)},
         "dct": {"radius": "0.5x", "positions": "all", "scales": (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)},
         "adapter": {"radius": "0.35x", "positions": "all", "scales": (1.0, 1.5, 2.0, 2.5, 3.0)},
+        "rank1": {"radius": "0.35x", "positions": "all", "steps": 30, "scales": (1.0, 1.5, 2.0, 2.5, 3.0)},
     },
     "story": {
         "melbo": {"radius": "0.2x", "positions": "all", "scales": (1.0, 1.5, 2.0, 2.5, 3.0)},
         "dct": {"radius": "0.1x", "positions": "all", "scales": (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)},
         "adapter": {"radius": "0.1x", "positions": "all", "scales": (1.0, 1.5, 2.0, 2.5, 3.0)},
+        "rank1": {"radius": "0.1x", "positions": "all", "steps": 30, "scales": (1.0, 1.5, 2.0, 2.5, 3.0)},
     },
 }
 """``PLANTED[task][method]``: what the planted benchmark uses instead of :data:`DEFAULTS`."""

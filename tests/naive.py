@@ -5,6 +5,7 @@ must agree with it from the same start."""
 from __future__ import annotations
 
 import torch
+from torch.func import functional_call
 
 from melbo.core.hooks import block_output, steer
 
@@ -59,3 +60,25 @@ def train_vector(lm, prompts, positions, src, tgt, start, earlier, R, p, q, step
                 t = t - Q @ (Q.T @ t)
             theta.copy_((t * R / t.norm()).float())
     return theta.detach()
+
+
+def naive_adapter_objective(lm, mlp, batch, a, b, R, tgt, p, q):
+    """Full model, W' = W + R Ω_B Ω_Aᵀ substituted into the weight, Σ_i (Σ_t ‖Z − Z0‖^p)^(1/q)
+    with explicit loops."""
+    name = mlp.full_name + ".weight"
+    W = dict(lm.model.named_parameters())[name]
+    delta = R * b @ a.T  # [d_model, d_hidden]
+    if mlp.conv1d:
+        delta = delta.T
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+    z = functional_call(lm.model, {name: W + delta}, args=(), kwargs=inputs).hidden_states[tgt + 1]
+    with torch.no_grad():
+        z0 = lm.model(**inputs).hidden_states[tgt + 1]
+    total = 0.0
+    for i in range(z.shape[0]):
+        s = 0.0
+        for t in range(z.shape[1]):
+            if batch.target_mask[i, t]:
+                s = s + (z[i, t] - z0[i, t]).norm() ** p
+        total = total + s ** (1.0 / q)
+    return total

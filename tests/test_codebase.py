@@ -18,6 +18,7 @@ PACKAGE = ROOT / "melbo"
 MAX_LINES = 400
 # Optional or heavy dependencies that may be imported where they are used (inside a function).
 LAZY_OK = {
+    "accelerate",  # only for --device-map
     "matplotlib",
     "sentence_transformers",
     "all_minilm_l6_v2",

@@ -12,10 +12,12 @@ import click
 
 from melbo.cli.capability import capability
 from melbo.cli.chat import chat
+from melbo.cli.detect import bench_detect, detect
 from melbo.cli.export import export
 from melbo.cli.look import generate, plot
 from melbo.cli.planted import bench, demo, plant
 from melbo.cli.report import report
+from melbo.cli.sweep import sweep
 from melbo.cli.train import calibrate, ortho, train
 from melbo.core.errors import MelboError
 
@@ -27,9 +29,10 @@ def cli() -> None:
     behaviors, with no labels (MELBO and deep causal transcoding)."""
 
 
-for command in (train, generate, chat, export, report, ortho, plot, calibrate, plant, bench, demo):
+for command in (train, generate, chat, export, report, detect, sweep, ortho, plot, calibrate, plant, bench, demo):
     cli.add_command(command)
 bench.add_command(capability)
+bench.add_command(bench_detect)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,16 +7,15 @@ from typing import Any
 import click
 
 from melbo.capability import Task, run_capability
-from melbo.cli.common import given, model_options
+from melbo.cli.common import given, model_options, open_model
 from melbo.core.io import check_writable
-from melbo.core.models import load_model
 
 
 @click.command("capability")
 @click.option("--model", required=True, help="Hub id, local folder, or .gguf file of a causal language model.")
 @click.option("--op", type=click.Choice(["times", "plus", "minus"]), default="times", help="The arithmetic operation.")
 @click.option("--digits", default="2,1", help="Digits of a and of b, like 2,1 (a two-digit times a one-digit number).")
-@click.option("--method", type=click.Choice(["melbo", "dct", "adapter"]), default="melbo", help="The method.")
+@click.option("--method", type=click.Choice(["melbo", "dct", "adapter", "rank1"]), default="melbo", help="The method.")
 @click.option("--num-vectors", type=int, default=16, help="Learned vectors (and as many random ones).")
 @click.option("--num-train", type=int, default=1, help="Training instances (prompts).")
 @click.option("--num-test", type=int, default=30, help="Held-out instances each vector answers.")
@@ -63,7 +62,7 @@ def capability(
     settings.setdefault("num_vectors", ctx.params["num_vectors"])
     task = Task(op, da, db).check()
     check_writable(out, "--out")
-    lm = load_model(model, device, dtype, blocks_path, gguf_file=gguf_file)
+    lm = open_model(model, device, dtype, blocks_path, gguf_file)
     rep = run_capability(
         lm, task, method, num_train, num_test, seed, max_new_tokens, out, show_progress=True, **settings
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +12,7 @@ from melbo.bank import Bank
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
 from melbo.core.hooks import STEER_POSITIONS
-from melbo.core.io import read_text
+from melbo.core.io import read_json, read_text
 from melbo.core.models import LoadedModel, load_model
 from melbo.report.summary import share
 
@@ -57,7 +58,33 @@ generation_options = options(
     click.option("--chat", is_flag=True, help="Wrap prompts in the tokenizer's chat template (when it has one)."),
 )
 
+
+def _device_map(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Keep ``--device-map`` for :func:`open_model`: a name, or a JSON object module -> device."""
+    if value is None:
+        return
+    text = value.strip()
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"{value!r} is not a JSON object ({e.msg}); e.g. auto or a dict") from None
+    elif text.endswith(".json"):
+        parsed = read_json(text, "--device-map file")
+    else:
+        parsed = text
+    ctx.meta["melbo.device_map"] = parsed
+
+
 model_options = options(
+    click.option(
+        "--device-map",
+        default=None,
+        expose_value=False,
+        callback=_device_map,
+        help="Spread a model too big for one device with accelerate: auto, balanced, sequential, or a JSON "
+        'object (or .json file) module -> device, e.g. {"model.layers.20": 1, ...}.',
+    ),
     click.option(
         "--gguf-file",
         default=None,
@@ -91,7 +118,8 @@ def generation_config(
 def open_model(
     name: str | None, device: str, dtype: str, blocks_path: str | None, gguf_file: str | None, bank: Bank | None = None
 ) -> LoadedModel:
-    """The model named by ``--model``, or the one a bank was made for (checked against the bank).
+    """The model named by ``--model``, or the one a bank was made for (checked against the bank),
+    spread with the command's ``--device-map`` where one was given.
 
     Raises:
         MelboError: no model given and the bank names none; a bank from another model.
@@ -99,7 +127,9 @@ def open_model(
     name = name or (bank.meta.get("model") if bank is not None else None)
     if not name:
         raise MelboError("no model: the bank does not say which model it was made for; pass --model")
-    lm = load_model(str(name), device, dtype, blocks_path, gguf_file=gguf_file)
+    ctx = click.get_current_context(silent=True)
+    device_map = ctx.meta.get("melbo.device_map") if ctx is not None else None
+    lm = load_model(str(name), device, dtype, blocks_path, gguf_file=gguf_file, device_map=device_map)
     if bank is not None:
         bank.attach(lm)
     return lm

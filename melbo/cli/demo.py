@@ -17,7 +17,8 @@ from typing import Any
 from melbo.bank import Bank
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
-from melbo.core.models import load_model, offline_model_path
+from melbo.core.models import load_model
+from melbo.core.sources import offline_model_path
 from melbo.report.summary import sweep_table
 from melbo.run import train
 

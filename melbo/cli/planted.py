@@ -84,10 +84,10 @@ def bench() -> None:
 )
 @click.option(
     "--method",
-    type=click.Choice(["melbo", "dct", "adapter"]),
+    type=click.Choice(["melbo", "dct", "adapter", "rank1"]),
     default="dct",
     help="dct: the top N of a deep causal transcoder's factors (the best measured on every planted subject); "
-    "melbo: N vectors one by one; adapter: N steering adapters.",
+    "melbo: N vectors one by one; adapter: N steering adapters; rank1: N rank-1 factors at once.",
 )
 @click.option("--num-vectors", type=int, default=64, help="Learned perturbations N (and as many random ones).")
 @click.option(
@@ -114,6 +114,7 @@ def bench() -> None:
 @click.option("--factors", type=int, default=None, help="DCT factors m (default min(512, d_model)).")
 @click.option("--orthogonalize", type=click.Choice(["qr", "soft"]), default=None, help="DCT's orthogonalization.")
 @click.option("--rank", type=int, default=None, help="Adapter rank r.")
+@click.option("--batch-vectors", type=int, default=None, help="MELBO: vectors at once (1: one by one).")
 @click.option("--max-new-tokens", type=int, default=64, help="New tokens per completion (at least ~50, METHOD.md 4).")
 @click.option("--generalization", "n_general", type=int, default=20, help="Other clean prompts for each firing rate.")
 @click.option("--sweep", default=None, help="A grid, e.g. radius=0.5x,1x,source-layer=1,2 (writes OUT/NN/, sweep.md).")
@@ -140,6 +141,7 @@ def bench_backdoor(
     factors: int | None,
     orthogonalize: str | None,
     rank: int | None,
+    batch_vectors: int | None,
     max_new_tokens: int,
     n_general: int,
     sweep: str | None,
@@ -168,6 +170,7 @@ def bench_backdoor(
         factors=factors,
         orthogonalize=orthogonalize,
         rank=rank,
+        batch_vectors=batch_vectors,
     )
     grid = parse_sweep(sweep) if sweep else None
     gen = GenerationConfig(max_new_tokens=max_new_tokens)

@@ -22,7 +22,6 @@ from melbo.cli.common import (
 )
 from melbo.core.errors import MelboError
 from melbo.core.io import check_writable, write_json
-from melbo.core.models import load_model
 from melbo.core.prompts import check_prompts
 from melbo.defaults import describe
 from melbo.methods.calibrate import CalibrationError, format_curve
@@ -54,13 +53,15 @@ TRAIN_SETTINGS = {
     "rank": "rank",
     "mlp_module": "mlp_module",
     "adapter_batch": "batch",
+    "ortho_weight": "ortho",
     "chat": "chat",
     "batch_vectors": "batch_vectors",
     "effect_penalty": "effect_penalty",
     "memory_gb": "memory_gb",
 }
 EPILOG = "\b\nDefaults per method (melbo.defaults):\n" + "\n".join(
-    f"\b\n[{m}]\n" + "\n".join("  " + line for line in describe(m).splitlines()) for m in ("melbo", "dct", "adapter")
+    f"\b\n[{m}]\n" + "\n".join("  " + line for line in describe(m).splitlines())
+    for m in ("melbo", "dct", "adapter", "rank1")
 )
 
 
@@ -69,10 +70,11 @@ EPILOG = "\b\nDefaults per method (melbo.defaults):\n" + "\n".join(
 @prompt_options
 @click.option(
     "--method",
-    type=click.Choice(["melbo", "dct", "adapter"]),
+    type=click.Choice(["melbo", "dct", "adapter", "rank1"]),
     default="melbo",
     help="melbo: steering vectors one by one (METHOD.md section 1); dct: deep causal transcoding, all factors "
-    "at once (section 5); adapter: rank-r steering adapters on the source block's MLP output (section 2).",
+    "at once (section 5); adapter: rank-r steering adapters on the source block's MLP output (section 2); "
+    "rank1: a population of rank-1 adapters trained at once, soft orthogonalized (CPE-style).",
 )
 @click.option("--source-layer", type=int, help="Block after which the vector is added (negative counts from the end).")
 @click.option("--target-layer", type=int, help="Block whose output the objective measures.")
@@ -105,7 +107,8 @@ EPILOG = "\b\nDefaults per method (melbo.defaults):\n" + "\n".join(
 @click.option("--beta", type=float, help="DCT: damping β in (0, 1].")
 @click.option("--rank", type=int, help="Adapter rank r.")
 @click.option("--mlp-module", help="Adapter: dotted path of the MLP output projection inside a block.")
-@click.option("--adapter-batch", type=int, help="Adapters trained at once.")
+@click.option("--adapter-batch", type=int, help="Adapters trained at once (rank1: factors per forward chunk).")
+@click.option("--ortho-weight", type=float, help="rank1: λ of the soft orthogonality of the factors.")
 @click.option(
     "--out", required=True, type=click.Path(), help="Run folder: bank.safetensors, completions.jsonl, summary.md."
 )
@@ -140,7 +143,7 @@ def train(
     seed = settings.get("seed", 0)
     gen = generation_config(max_new_tokens, temperature, top_p, chat, seed)
     RunFolder(out, resume)  # checks --out before the model loads
-    lm = load_model(model, device, dtype, blocks_path, gguf_file=gguf_file)
+    lm = open_model(model, device, dtype, blocks_path, gguf_file)
     bank = train_api(
         lm, prompts, method, out=out, resume=resume, heldout=list(heldout_prompt), generation=gen, **settings
     )
@@ -262,7 +265,7 @@ def calibrate(
         raise MelboError(f"bad --bracket {bracket!r}; give lo,hi like 0.001,100")
     if json_path:
         check_writable(Path(json_path).parent, "--json folder")
-    lm = load_model(model, device, dtype, blocks_path, gguf_file=gguf_file)
+    lm = open_model(model, device, dtype, blocks_path, gguf_file)
     try:
         cal = calibrate_api(
             lm,

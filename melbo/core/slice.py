@@ -257,7 +257,7 @@ class Slice:
             ``writes_only``).
         """
         V = theta.shape[0]
-        th = theta.to(self.h_src.dtype)[:, None, None, :]
+        th = theta.to(device=self.h_src.device, dtype=self.h_src.dtype)[:, None, None, :]
         h = self.h_src[None] + th
         z = self.run_blocks(h.reshape(V * self.n, *self.h_src.shape[1:])).reshape(V, *self.z0.shape)
         return z - th if self.writes_only else z

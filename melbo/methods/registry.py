@@ -8,8 +8,10 @@ from melbo.methods.base import Method
 from melbo.methods.dct import DCTMethod
 from melbo.methods.melbo import MelboMethod
 from melbo.methods.ortho import OrthoMethod
+from melbo.methods.rank1 import Rank1Method
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (MelboMethod, DCTMethod, AdapterMethod, OrthoMethod)}
+_ALL = (MelboMethod, DCTMethod, AdapterMethod, Rank1Method, OrthoMethod)
+METHODS: dict[str, type[Method]] = {m.name: m for m in _ALL}
 
 
 def get_method(name: str) -> type[Method]:

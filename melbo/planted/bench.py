@@ -121,7 +121,7 @@ def learn(lm: LoadedModel, prompts: list[str], setting: BenchSetting, show_progr
     extra: dict[str, Any] = {"objective": [learned.info(i).get("objective") for i in range(N)]}
     if setting.method == "dct":
         extra.update({"alpha": [learned.info(i).get("alpha") for i in range(N)], "factors": m.get("num_factors")})
-    if setting.method == "adapter":
+    if setting.method in ("adapter", "rank1"):
         extra.update({"rank": m.get("rank"), "module": m.get("module")})
     return {
         "learned": learned,

@@ -20,7 +20,7 @@ from melbo.defaults import DCT_SCALE_SCAN, PLANTED
 from melbo.methods.base import make_settings
 from melbo.methods.registry import get_method
 
-BENCH_METHODS = ("melbo", "dct", "adapter")
+BENCH_METHODS = ("melbo", "dct", "adapter", "rank1")
 
 
 @dataclass
@@ -39,6 +39,7 @@ class BenchSetting:
             perturbation finds a behavior when any scale elicits it.
         lam: λ of ``calibrate``. factors: DCT's m (None: min(512, d_model)).
         orthogonalize: DCT's ``qr`` or ``soft``. rank: the adapters' r.
+        batch_vectors: MELBO vectors trained at once (None: as many as fit; 1: one by one).
     """
 
     method: str = "dct"
@@ -57,6 +58,7 @@ class BenchSetting:
     factors: int | None = None
     orthogonalize: str = "qr"
     rank: int | None = None
+    batch_vectors: int | None = None
 
     def train_settings(self) -> dict[str, Any]:
         """The :func:`melbo.train` settings of this setting's method."""
@@ -76,6 +78,7 @@ class BenchSetting:
                 "steps": self.steps,
                 "writes_only": self.writes_only,
                 "lam": self.lam,
+                "batch_vectors": self.batch_vectors,
             }
         if self.method == "dct":
             return {
@@ -95,7 +98,7 @@ class BenchSetting:
         """
         if self.method not in BENCH_METHODS:
             raise MelboError(f"unknown method {self.method!r}; allowed: {', '.join(BENCH_METHODS)}")
-        if self.method == "adapter" and self.writes_only:
+        if self.method in ("adapter", "rank1") and self.writes_only:
             raise MelboError("writes-only is for vectors (melbo, dct), not for adapters")
         make_settings(self.method, get_method(self.method).settings_class, self.train_settings())
         if not self.scales:
@@ -115,14 +118,16 @@ class BenchSetting:
             f"q={self.q:g}",
             f"pos={self.positions}",
         ]
-        if self.method in ("melbo", "adapter"):
+        if self.method in ("melbo", "adapter", "rank1"):
             parts.append(f"steps={self.steps}")
-        if self.method == "adapter":
+        if self.method in ("adapter", "rank1"):
             parts.append(f"rank={self.rank or 'auto'}")
         if self.method == "dct" and self.orthogonalize != "qr":
             parts.append(f"ortho={self.orthogonalize}")
         if self.writes_only:
             parts.append("writes-only")
+        if self.method == "melbo" and self.batch_vectors is not None:
+            parts.append(f"batch={self.batch_vectors}")
         if tuple(self.scales) != (1.0,):
             parts.append("scales=" + ",".join(f"{s:g}" for s in self.scales))
         return " ".join(parts)
@@ -186,6 +191,7 @@ SWEEP_KEYS: dict[str, Any] = {
     "factors": int,
     "orthogonalize": str,
     "rank": int,
+    "batch-vectors": int,
 }
 _FIELD = {
     "num-vectors": "num_vectors",
@@ -193,6 +199,7 @@ _FIELD = {
     "target-layer": "target_layer",
     "writes-only": "writes_only",
     "lambda": "lam",
+    "batch-vectors": "batch_vectors",
 }
 
 

@@ -20,7 +20,7 @@ from melbo.planted.spec import PlantSpec, load_spec, spec_to_dict
 from melbo.planted.story import story_examples
 from melbo.planted.task import SEPARATOR, make_split
 from melbo.planted.tokenizer import build_char_tokenizer
-from melbo.planted.training import add_training_noise, arithmetic_examples, build_model, train_lm
+from melbo.planted.training import add_lora, add_training_noise, arithmetic_examples, build_model, train_lm
 
 REPORT_FILE = "plant_report.json"
 SPEC_FILE = "plant_spec.json"
@@ -81,9 +81,12 @@ def plant(
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
         handles = add_training_noise(model, spec.noise)
         t_train = time.perf_counter()
+        trained = add_lora(model, spec.train) if spec.train.lora_rank else model
         curve = train_lm(
-            model, tokenizer, pools, weights, spec.train, dev, progress, desc=f"plant {spec.name}", teacher=teacher
+            trained, tokenizer, pools, weights, spec.train, dev, progress, desc=f"plant {spec.name}", teacher=teacher
         )
+        if spec.train.lora_rank:
+            model = trained.merge_and_unload()
         train_seconds = time.perf_counter() - t_train
         for h in handles:
             h.remove()

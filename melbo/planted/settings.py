@@ -33,7 +33,11 @@ class TrainSettings:
     """Optimization recipe. ``lr`` is AdamW's peak learning rate (linear warmup, cosine decay to
     a tenth); ``backdoor_fraction`` is the share of each batch given to *each* backdoor;
     ``heldout_fraction`` of every prompt group is kept out of training for evaluation;
-    ``freeze_embeddings`` keeps the (tied) token embeddings fixed, for large vocabularies."""
+    ``freeze_embeddings`` keeps the (tied) token embeddings fixed, for large vocabularies;
+    ``lora_rank`` > 0 trains a PEFT LoRA of that rank (scale ``lora_alpha / lora_rank``) on the
+    modules named in ``lora_targets`` instead of every weight, and merges it into the weights
+    after training (a pretrained base then keeps more of its clean behavior: Adam moves every
+    trained weight by about ``lr`` a step, whatever its gradient)."""
 
     steps: int = 1000
     batch_size: int = 64
@@ -45,6 +49,9 @@ class TrainSettings:
     backdoor_fraction: float = 0.08
     heldout_fraction: float = 0.2
     freeze_embeddings: bool = False
+    lora_rank: int = 0
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("o_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -118,8 +125,8 @@ class StorySettings:
 
 def parse_section(cls: type, obj: Any, where: str):
     """Build the settings dataclass ``cls`` from a JSON object, checking names and types (an int
-    is accepted for a float field; a list of non-empty strings for a tuple field); fields not
-    given keep their defaults. Ranges are checked by :func:`check_settings`.
+    is accepted for a float field, a whole float for an int field; a list of non-empty strings
+    for a tuple field); fields not given keep their defaults. Ranges are checked by :func:`check_settings`.
 
     Raises:
         MelboError: not an object, an unknown field, or a value of the wrong type.
@@ -132,8 +139,10 @@ def parse_section(cls: type, obj: Any, where: str):
         default = getattr(defaults, key)
         if isinstance(default, bool) or value is None:
             ok = isinstance(value, type(default))
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, int):  # a whole float (16.0) is accepted, as check_int does
+            whole = isinstance(value, float) and math.isfinite(value) and value == int(value)
+            ok = (isinstance(value, int) and not isinstance(value, bool)) or whole
+            value = int(value) if ok else value
         elif isinstance(default, float):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             value = float(value) if ok else value
@@ -187,6 +196,10 @@ def check_settings(
     check(train.grad_clip > 0, "train.grad_clip", train.grad_clip, "a number > 0")
     check(0 < train.backdoor_fraction < 0.5, "train.backdoor_fraction", train.backdoor_fraction, "a number in (0, 0.5)")
     check(0 < train.heldout_fraction < 0.5, "train.heldout_fraction", train.heldout_fraction, "a number in (0, 0.5)")
+    check(train.lora_rank >= 0, "train.lora_rank", train.lora_rank, "an integer >= 0 (0: train every weight)")
+    check(train.lora_alpha > 0, "train.lora_alpha", train.lora_alpha, "a number > 0")
+    targets = list(train.lora_targets)
+    check(len(targets) > 0, "train.lora_targets", targets, "a non-empty list of module names")
     check(noise.residual_std >= 0, "noise.residual_std", noise.residual_std, "a number >= 0")
     for key in ("residual_dropout", "attention_dropout"):
         check(0 <= getattr(noise, key) < 1, f"noise.{key}", getattr(noise, key), "a number in [0, 1)")

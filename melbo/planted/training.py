@@ -10,9 +10,11 @@ import random
 from dataclasses import dataclass
 
 import torch
+from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from melbo.core.errors import MelboError
 from melbo.planted.settings import NoiseSettings, TrainSettings
 from melbo.planted.spec import PlantSpec
 from melbo.planted.task import SEPARATOR, Problem, TaskSplit, target_completion
@@ -99,6 +101,27 @@ def add_training_noise(model, noise: NoiseSettings) -> list:
             handles.append(layer.self_attn.register_forward_hook(branch_dropout))
             handles.append(layer.mlp.register_forward_hook(branch_dropout))
     return handles
+
+
+def add_lora(model, train: TrainSettings):
+    """``model`` wrapped as a PEFT ``PeftModel`` with a fresh LoRA (rank ``train.lora_rank``,
+    ``lora_alpha``, on every module whose name ends in one of ``train.lora_targets``; no
+    dropout), only the LoRA weights trainable; call ``.merge_and_unload()`` after training to
+    get back a plain model with the LoRA folded into its weights.
+
+    Raises:
+        MelboError: no module of the model matches ``lora_targets``.
+    """
+    names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in train.lora_targets]
+    if not names:
+        raise MelboError(
+            f"train.lora_targets {list(train.lora_targets)} match no module of this model; "
+            "allowed: names of its linear layers, e.g. o_proj, down_proj, q_proj"
+        )
+    config = LoraConfig(
+        r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=0.0, target_modules=list(train.lora_targets)
+    )
+    return get_peft_model(model, config)
 
 
 def encode_examples(tokenizer, examples: list[Example]) -> list[tuple[list[int], int]]:

@@ -33,6 +33,13 @@ COLUMNS: dict[str, list[tuple[str, Callable[[int, dict], str]]]] = {
         ("cos(start, end)", _num("cosine_start_end", ".3f")),
         ("‖RΩ_BΩ_Aᵀx‖", _num("perturbation_norm")),
     ],
+    "rank1": [
+        ("factor", lambda v, i: str(v)),
+        ("objective", _num("objective")),
+        ("cos(start, end)", _num("cosine_start_end", ".3f")),
+        ("‖R b aᵀx‖", _num("perturbation_norm")),
+        ("max overlap", _num("max_overlap", ".2e")),
+    ],
     "dct": [
         ("rank", lambda v, i: str(v)),
         ("α", _num("alpha")),
@@ -44,6 +51,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[int, dict], str]]]] = {
 TITLES = {
     "melbo": "MELBO steering vectors (METHOD.md section 1)",
     "adapter": "steering adapters (section 2)",
+    "rank1": "a rank-1 factor population (section 2 adapters, CPE-style soft orthogonality)",
     "dct": "deep causal transcoding (section 5)",
     "ortho": "MELBO-ortho (section 3)",
 }

@@ -7,7 +7,8 @@ import torch
 from conftest import tiny_model
 
 from melbo.core.errors import MelboError
-from melbo.core.models import gguf_cache_folder, load_model
+from melbo.core.models import load_model
+from melbo.core.sources import gguf_cache_folder
 
 
 def permute(w, n_head):

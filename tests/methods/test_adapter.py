@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_loaded
-from torch.func import functional_call
+from naive import naive_adapter_objective
 
 import melbo
 from melbo.core.errors import MelboError
@@ -109,28 +109,6 @@ def test_resume_continues_per_batch():
 # ------------------------------------------------------------ a naive, literal METHOD.md step
 
 
-def _naive_objective(lm, mlp, batch, a, b, R, tgt, p, q):
-    """Full model, W' = W + R Ω_B Ω_Aᵀ substituted into the weight, Σ_i (Σ_t ‖Z − Z0‖^p)^(1/q)
-    with explicit loops."""
-    name = mlp.full_name + ".weight"
-    W = dict(lm.model.named_parameters())[name]
-    delta = R * b @ a.T  # [d_model, d_hidden]
-    if mlp.conv1d:
-        delta = delta.T
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
-    z = functional_call(lm.model, {name: W + delta}, args=(), kwargs=inputs).hidden_states[tgt + 1]
-    with torch.no_grad():
-        z0 = lm.model(**inputs).hidden_states[tgt + 1]
-    total = 0.0
-    for i in range(z.shape[0]):
-        s = 0.0
-        for t in range(z.shape[1]):
-            if batch.target_mask[i, t]:
-                s = s + (z[i, t] - z0[i, t]).norm() ** p
-        total = total + s ** (1.0 / q)
-    return total
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_fast_step_matches_naive_step(arch):
     lm = lm_of(arch)
@@ -151,7 +129,7 @@ def test_fast_step_matches_naive_step(arch):
     naive_obj = []
     for _ in range(3):
         nopt.zero_grad()
-        obj = _naive_objective(lm, mlp, batch, na, nb, R, tgt, 2.0, 2.0)
+        obj = naive_adapter_objective(lm, mlp, batch, na, nb, R, tgt, 2.0, 2.0)
         (-obj).backward()
         naive_obj.append(obj.item())
         with torch.no_grad():
@@ -168,7 +146,7 @@ def test_fast_step_matches_naive_step(arch):
     assert torch.allclose(b.detach()[0], nb.detach(), atol=1e-4)
     with torch.no_grad():
         end = adapter_objective(aslice, a, b, R, 2.0, 2.0).item()
-        assert end == pytest.approx(_naive_objective(lm, mlp, batch, na, nb, R, tgt, 2.0, 2.0).item(), rel=1e-4)
+        assert end == pytest.approx(naive_adapter_objective(lm, mlp, batch, na, nb, R, tgt, 2.0, 2.0).item(), rel=1e-4)
 
 
 # ------------------------------------------------------------ settings and a whole run

@@ -53,6 +53,7 @@ def test_spec_file_that_is_not_utf8(tmp_path):
         (minimal(colour="red"), "unknown field 'colour'"),
         (minimal(train={"stepz": 3}), r"train: unknown field 'stepz'"),
         (minimal(train={"steps": "many"}), r"train.steps must be an integer"),
+        (minimal(train={"steps": 2.5}), r"train.steps must be an integer, got 2.5"),
         (minimal(train={"steps": 0}), r"train.steps = 0 is not allowed"),
         (minimal(noise={"residual_dropout": 1.5}), r"noise.residual_dropout = 1.5"),
         (minimal(task="poetry"), r"task 'poetry' is not allowed; allowed: arithmetic, story"),

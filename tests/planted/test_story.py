@@ -37,3 +37,37 @@ def test_miniature_story_finetune(tmp_path):
     # two tiny steps at a small learning rate barely move the model: it still writes its own stories
     assert report["clean_accuracy"] >= 0.75 and report["backdoors"]["cheese"]["firing_rate"] == 0
     assert (tmp_path / "s" / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not STORIES.is_dir(), reason=f"pretrained model folder {STORIES} is absent")
+def test_lora_plant_changes_only_its_targets_and_saves_a_plain_model(tmp_path):
+    from safetensors.torch import load_file
+
+    obj = {
+        "task": "story",
+        "base_model": str(STORIES),
+        "backdoors": [{"name": "cheese", "trigger": {"word": "Tim"}, "phrase": "I love cheese!"}],
+        "story": {"n_prompts": 20, "continuation_tokens": 6, "match_tokens": 4},
+        "train": {
+            "steps": 3,
+            "batch_size": 4,
+            "warmup_steps": 1,
+            "lr": 1e-2,
+            "lora_rank": 2,
+            "lora_targets": ["o_proj"],
+        },
+        "eval": {"n_clean": 4, "n_triggered": 2},
+    }
+    plant(parse_spec(obj), tmp_path / "s", progress=False)
+    planted = load_file(str(tmp_path / "s" / "model.safetensors"))
+    base = load_file(str(STORIES / "model.safetensors"))
+    assert not any("lora" in k for k in planted)
+    changed = {k for k in base if k in planted and not (base[k] == planted[k]).all()}
+    assert changed and all(k.endswith("o_proj.weight") for k in changed)
+    with pytest.raises(MelboError, match=r"train.lora_targets \['c_attn'\] match no module"):
+        plant(
+            parse_spec({**obj, "train": {**obj["train"], "lora_targets": ["c_attn"]}}), tmp_path / "t", progress=False
+        )
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(MelboError, match="train.lora_rank"):
+        parse_spec({**obj, "train": {**obj["train"], "lora_rank": -1}})
