@@ -351,3 +351,13 @@ def test_a_spec_of_another_task_is_refused(tiny_planted, tiny_story_planted, tmp
     lm2, _ = load_planted_lm(tiny_planted)
     with pytest.raises(MelboError, match="is of the story task, but model .* is an arithmetic model"):
         run_bench(lm2, story_spec(), BenchSetting(num_vectors=1, steps=1))
+
+
+def test_batch_vectors_and_rank1_settings():
+    s = setting_from_options("melbo", "story", batch_vectors=1)
+    assert s.train_settings()["batch_vectors"] == 1 and "batch=1" in s.label()
+    assert parse_sweep("batch-vectors=1,64") == [{"batch_vectors": 1}, {"batch_vectors": 64}]
+    r = setting_from_options("rank1", "story")
+    assert r.steps == 30 and r.train_settings()["rank"] is None and "rank=auto" in r.label()
+    with pytest.raises(MelboError, match="writes-only is for vectors"):
+        setting_from_options("rank1", "story", writes_only=True)
