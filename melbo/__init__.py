@@ -15,7 +15,8 @@ Example:
 
 Layout: :mod:`melbo.core` (models, hooks, prompts, the truncated pass, the sphere, validation,
 files), :mod:`melbo.methods` (one module per method), :mod:`melbo.run` (the orchestrator),
-:mod:`melbo.bank` and :mod:`melbo.vector` (what a run returns), :mod:`melbo.report`,
+:mod:`melbo.bank` and :mod:`melbo.vector` (what a run returns), :mod:`melbo.detect` (anomaly
+scores with a bank), :mod:`melbo.sweep` (grids of runs as Ray tasks), :mod:`melbo.report`,
 :mod:`melbo.planted` (the planted-behavior benchmark), :mod:`melbo.cli`.
 """
 
@@ -27,10 +28,12 @@ from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
 from melbo.core.models import LoadedModel, load_model, wrap_model
 from melbo.defaults import DEFAULTS
+from melbo.detect import Detector, auroc
 from melbo.export import export_gguf, vectors_from_gguf
 from melbo.methods.calibrate import Calibration, CalibrationError
 from melbo.methods.registry import METHODS
 from melbo.run import train
+from melbo.sweep import run_sweep
 from melbo.vector import SteeringAdapter, SteeringVector
 
 __all__ = [
@@ -40,16 +43,19 @@ __all__ = [
     "Calibration",
     "CalibrationError",
     "ChatSession",
+    "Detector",
     "GenerationConfig",
     "LoadedModel",
     "MelboError",
     "SteeringAdapter",
     "SteeringVector",
     "__version__",
+    "auroc",
     "calibrate",
     "export_gguf",
     "load_model",
     "ortho",
+    "run_sweep",
     "train",
     "vectors_from_gguf",
     "wrap_model",

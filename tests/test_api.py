@@ -26,7 +26,9 @@ def test_public_names():
         "__version__",
     ):
         assert name in melbo.__all__ and hasattr(melbo, name), name
-    assert set(melbo.METHODS) == {"melbo", "dct", "adapter", "ortho"}
+    assert set(melbo.METHODS) == {"melbo", "dct", "adapter", "rank1", "ortho"}
+    for name in ("Detector", "auroc", "run_sweep"):
+        assert name in melbo.__all__ and hasattr(melbo, name), name
     for name in melbo.__all__:
         obj = getattr(melbo, name)
         if callable(obj):

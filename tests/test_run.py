@@ -50,7 +50,7 @@ def test_bad_prompts_and_methods(tmp_path):
     lm = tiny_loaded("llama")
     with pytest.raises(MelboError, match="empty"):
         melbo.train(lm, ["  "], out=tmp_path / "r")
-    with pytest.raises(MelboError, match="unknown method 'sae'; allowed: melbo, dct, adapter, ortho"):
+    with pytest.raises(MelboError, match="unknown method 'sae'; allowed: melbo, dct, adapter, rank1, ortho"):
         melbo.train(lm, PROMPT, "sae")
     with pytest.raises(MelboError, match="needs a base vector"):
         melbo.train(lm, PROMPT, "ortho")

@@ -115,6 +115,22 @@ def generation_config(
     )
 
 
+def load_bank(path: str, use_random: bool = False, vectors_for: str | None = None) -> tuple[Bank, Bank]:
+    """``(bank, the bank or its random baseline)`` read from ``--bank``.
+
+    Raises:
+        MelboError: the file is not a bank; ``use_random`` and the bank holds no baseline;
+            ``vectors_for`` (a command name) and the bank holds adapters.
+    """
+    b = Bank.load(path)
+    use = b.random if use_random else b
+    if use is None:
+        raise MelboError(f"bank {path!r} holds no random baseline")
+    if vectors_for and use.kind != "vector":
+        raise MelboError(f"{vectors_for} takes a bank of steering vectors (melbo, dct, ortho); {path!r} holds adapters")
+    return b, use
+
+
 def open_model(
     name: str | None, device: str, dtype: str, blocks_path: str | None, gguf_file: str | None, bank: Bank | None = None
 ) -> LoadedModel:

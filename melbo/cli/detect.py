@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from melbo.bank import Bank
-from melbo.cli.common import model_options, open_model, read_prompts
+from melbo.cli.common import load_bank, model_options, open_model, read_prompts
 from melbo.core.errors import MelboError
 from melbo.core.io import check_writable, write_jsonl
 from melbo.detect import POSITIONS, WHERE
@@ -69,12 +68,7 @@ def detect(
         raise MelboError(f"--fpr {fpr!r} is not allowed; allowed: a number in (0, 1)")
     if out:
         check_writable(out, "--out")
-    b = Bank.load(bank)
-    use = b.random if use_random else b
-    if use is None:
-        raise MelboError(f"bank {bank!r} holds no random baseline")
-    if use.kind != "vector":
-        raise MelboError(f"melbo detect takes a bank of steering vectors (melbo, dct, ortho); {bank!r} holds adapters")
+    b, use = load_bank(bank, use_random, "melbo detect")
     use.lm = open_model(model, device, dtype, blocks_path, gguf_file, b)
     result = run_detect(use, prompts, reference, where, positions, fpr)
     n_ref = len(reference)

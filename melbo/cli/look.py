@@ -11,6 +11,7 @@ from melbo.bank import Bank
 from melbo.cli.common import (
     generation_config,
     generation_options,
+    load_bank,
     model_options,
     open_model,
     print_completions,
@@ -103,10 +104,7 @@ def generate(
         out[f"{one.label} x {scale:g}"] = one.generate(lm, prompts, scale, **fields)
         print_completions(prompts, out)
         return
-    b = Bank.load(str(bank))
-    src = b.random if use_random else b
-    if src is None:
-        raise MelboError(f"bank {bank!r} holds no random baseline")
+    b, src = load_bank(str(bank), use_random)
     if layer is not None:
         src.meta["source_layer"] = layer
     lm = open_model(model, device, dtype, blocks_path, gguf_file, b)
@@ -170,12 +168,7 @@ def plot(
     the reference vector, and vs unsteered) and vector norms, over the vector index (METHOD.md section 3)."""
     folder = Path(out) if out else (Path(bank) if Path(bank).is_dir() else Path(bank).parent)
     check_writable(folder, "--out")
-    b = Bank.load(bank)
-    src = b.random if use_random else b
-    if src is None:
-        raise MelboError(f"bank {bank!r} holds no random baseline vectors")
-    if src.kind != "vector":
-        raise MelboError("melbo plot measures steering vectors; this bank holds adapters")
+    b, src = load_bank(bank, use_random, "melbo plot")
     idx = parse_indices(vectors, len(src))
     effective_window(len(idx), window)  # a bad --window fails before any work
     if str(reference).strip().lower() != "none" and not str(reference).strip().lstrip("-").isdigit():

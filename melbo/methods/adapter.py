@@ -194,16 +194,23 @@ def adapter_step(
     opt.zero_grad(set_to_none=True)
     obj = adapter_objective(aslice, omega_a, omega_b, radius, p, q)
     (-obj.sum()).backward()
-    ga, gb = omega_a.grad, omega_b.grad
+    projected_step(omega_a, omega_b, opt, tangent_adapter, normalize_adapter)
+    return obj.detach()
+
+
+def projected_step(a: torch.Tensor, b: torch.Tensor, opt: torch.optim.Optimizer, tangent, normalize) -> None:
+    """After ``backward()``: replace the gradients of ``a`` and ``b`` by ``tangent(ga, gb, a, b)``
+    (their projection onto the constraint's tangent space), step ``opt`` and put ``a``, ``b`` back
+    on the constraint with ``normalize(a, b)``, in place."""
+    ga, gb = a.grad, b.grad
     assert ga is not None and gb is not None  # backward() just filled them
     with torch.no_grad():
-        omega_a.grad, omega_b.grad = tangent_adapter(ga, gb, omega_a, omega_b)
+        a.grad, b.grad = tangent(ga, gb, a, b)
     opt.step()
     with torch.no_grad():
-        a, b = normalize_adapter(omega_a, omega_b)
-        omega_a.copy_(a)
-        omega_b.copy_(b)
-    return obj.detach()
+        na, nb = normalize(a, b)
+        a.copy_(na)
+        b.copy_(nb)
 
 
 def _product_cosine(a0: torch.Tensor, b0: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,14 @@ from tqdm.auto import tqdm
 
 from melbo.core.errors import MelboError
 from melbo.core.validate import check_int
-from melbo.methods.adapter import AdapterMethod, AdapterSettings, AdapterSlice, _product_cosine, adapter_objective
+from melbo.methods.adapter import (
+    AdapterMethod,
+    AdapterSettings,
+    AdapterSlice,
+    _product_cosine,
+    adapter_objective,
+    projected_step,
+)
 from melbo.methods.base import Checkpoint, Fit, vector_info
 from melbo.methods.melbo_train import BETAS
 
@@ -116,15 +123,7 @@ def population_step(
     pen = (g**2).sum() / max(1, N * (N - 1))
     if ortho > 0 and N > 1:
         (ortho * obj_all.mean() * pen).backward()
-    ga, gb = a.grad, b.grad
-    assert ga is not None and gb is not None
-    with torch.no_grad():
-        a.grad, b.grad = tangent_factors(ga, gb, a, b)
-    opt.step()
-    with torch.no_grad():
-        na, nb = normalize_factors(a, b)
-        a.copy_(na)
-        b.copy_(nb)
+    projected_step(a, b, opt, tangent_factors, normalize_factors)
     return obj_all, float(pen.detach())
 
 
