@@ -214,9 +214,15 @@ def projected_step(a: torch.Tensor, b: torch.Tensor, opt: torch.optim.Optimizer,
 
 
 def _product_cosine(a0: torch.Tensor, b0: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
-    p0 = torch.einsum("vdr,vhr->vdh", b0.double(), a0.double()).flatten(1)
-    p1 = torch.einsum("vdr,vhr->vdh", b1.double(), a1.double()).flatten(1)
-    return nn.functional.cosine_similarity(p0, p1, dim=1)
+    """``[V]`` cosine (Frobenius) between ``Ω_B0 Ω_A0ᵀ`` and ``Ω_B1 Ω_A1ᵀ`` per adapter, from r×r
+    Gram matrices: ⟨B0 A0ᵀ, B1 A1ᵀ⟩_F = Σ (A0ᵀA1) ⊙ (B0ᵀB1), never the [d_model, d_hidden] products."""
+
+    def inner(a, b, c, d):  # ⟨b aᵀ, d cᵀ⟩_F per adapter
+        return ((a.double().transpose(1, 2) @ c.double()) * (b.double().transpose(1, 2) @ d.double())).sum((1, 2))
+
+    cross = inner(a0, b0, a1, b1)
+    n0, n1 = inner(a0, b0, a0, b0).clamp_min(0).sqrt(), inner(a1, b1, a1, b1).clamp_min(0).sqrt()
+    return cross / (n0 * n1).clamp_min(1e-300)
 
 
 class AdapterMethod:

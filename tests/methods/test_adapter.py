@@ -240,3 +240,15 @@ def test_bad_mlp_module_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(MelboError, match="mlp.gate_proj"):
         melbo.train(lm, PROMPTS, "adapter", mlp_module="mlp.gate_proj", out=tmp_path / "r", show_progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_product_cosine_equals_the_explicit_products():
+    from melbo.methods.adapter import _product_cosine
+
+    g = torch.Generator().manual_seed(0)
+    a0, a1 = torch.randn(3, 7, 2, generator=g), torch.randn(3, 7, 2, generator=g)
+    b0, b1 = torch.randn(3, 5, 2, generator=g), torch.randn(3, 5, 2, generator=g)
+    p0 = torch.einsum("vdr,vhr->vdh", b0.double(), a0.double()).flatten(1)
+    p1 = torch.einsum("vdr,vhr->vdh", b1.double(), a1.double()).flatten(1)
+    assert torch.allclose(_product_cosine(a0, b0, a1, b1), torch.nn.functional.cosine_similarity(p0, p1, dim=1))
+    assert torch.allclose(_product_cosine(a0, b0, a0, b0), torch.ones(3, dtype=torch.float64))
