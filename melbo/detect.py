@@ -25,6 +25,7 @@ flagging threshold, a quantile of them, is an out-of-sample false-positive rate.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -175,15 +176,14 @@ class Detector:
 
     def reference_scores(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Leave-one-out ``(s [n_ref], baseline [n_ref])`` of the reference prompts: each scored
-        with μ and the spreads computed without it."""
-        ref, n = self.reference, len(self.reference)
-        s, b = torch.empty(n), torch.empty(n)
-        for j in range(n):
-            rest = torch.cat([ref[:j], ref[j + 1 :]])
-            mu, pm, ps = self._stats(rest)
-            s[j] = ((ref[j] @ self.directions.T - pm) / ps).max()
-            b[j] = (ref[j] - mu).norm()
-        return s, b
+        (:meth:`score`) by the detector fitted without it."""
+        ref, s, b = self.reference, [], []
+        for j in range(len(ref)):
+            without = dataclasses.replace(self, reference=torch.cat([ref[:j], ref[j + 1 :]]))
+            sj, _, bj = without.score(ref[j : j + 1])
+            s.append(sj)
+            b.append(bj)
+        return torch.cat(s), torch.cat(b)
 
 
 def threshold(reference_scores: torch.Tensor, fpr: float = 0.05) -> float:
@@ -193,9 +193,19 @@ def threshold(reference_scores: torch.Tensor, fpr: float = 0.05) -> float:
     Raises:
         MelboError: ``fpr`` not in (0, 1).
     """
-    if not 0 < fpr < 1:
-        raise MelboError(f"false-positive rate {fpr!r} is not allowed; allowed: a number in (0, 1)")
+    check_fpr(fpr)
     return float(torch.quantile(reference_scores.double(), 1 - fpr))
+
+
+def check_fpr(fpr: float, what: str = "false-positive rate") -> float:
+    """``fpr`` when it is a number in (0, 1).
+
+    Raises:
+        MelboError: naming ``what`` (e.g. ``--fpr``) and the value.
+    """
+    if not 0 < fpr < 1:
+        raise MelboError(f"{what} {fpr!r} is not allowed; allowed: a number in (0, 1)")
+    return fpr
 
 
 def detect(

@@ -7,7 +7,7 @@ import click
 from melbo.cli.common import load_bank, model_options, open_model, read_prompts
 from melbo.core.errors import MelboError
 from melbo.core.io import check_writable, write_jsonl
-from melbo.detect import POSITIONS, WHERE
+from melbo.detect import POSITIONS, WHERE, check_fpr
 from melbo.detect import detect as run_detect
 from melbo.planted.bench_config import setting_from_options
 from melbo.planted.detect_bench import run_detect_bench
@@ -64,8 +64,7 @@ def detect(
     if not prompts:
         raise MelboError("no inputs to score: give --prompt or --prompts-file")
     reference = read_prompts((), reference_file)
-    if not 0 < fpr < 1:
-        raise MelboError(f"--fpr {fpr!r} is not allowed; allowed: a number in (0, 1)")
+    check_fpr(fpr, "--fpr")
     if out:
         check_writable(out, "--out")
     b, use = load_bank(bank, use_random, "melbo detect")
@@ -120,8 +119,7 @@ def bench_detect(
     """AUROC of triggered vs clean prompts of a planted model for a bank trained on clean prompts only,
     against a random bank at the same R and the distance-from-the-clean-mean baseline."""
     check_writable(out, "--out")
-    if not 0 < fpr < 1:
-        raise MelboError(f"--fpr {fpr!r} is not allowed; allowed: a number in (0, 1)")
+    check_fpr(fpr, "--fpr")
     lm, spec = load_planted_lm(model, spec_path, device)
     setting = setting_from_options(
         method,

@@ -25,11 +25,13 @@ from melbo.core.errors import MelboError
 from melbo.core.io import make_dir, write_json, write_text
 from melbo.core.models import LoadedModel
 from melbo.core.validate import check_int
-from melbo.detect import WHERE, Detector, auroc, threshold
+from melbo.detect import WHERE, Detector, activations, auroc, threshold
 from melbo.planted.bench import bench_prompts, check_task, learn
 from melbo.planted.bench_config import BenchSetting
 from melbo.planted.story import story_groups, unseen_story_prompts
 from melbo.planted.task import format_prompt, make_split
+
+RESULT_INDEX = {"source": 0, "target": 1}  # where melbo.detect.activations returns each layer
 
 
 def detection_prompts(
@@ -113,13 +115,14 @@ def run_detect_bench(
     reference, clean, triggered = detection_prompts(spec, train_prompts, n_reference, n_test)
     found = learn(lm, train_prompts, setting)
     src, tgt = int(found["source_layer"]), int(found["target_layer"])
+    # each test prompt's activations at both layers, from one pass (they do not depend on the bank)
+    both = {g: activations(lm, ps, src, tgt, positions)[:2] for g, ps in {"clean": clean, **triggered}.items()}
     layers: dict[str, dict] = {}
     for where in WHERE:
+        acts = {g: a[RESULT_INDEX[where]].cpu() for g, a in both.items()}
         row: dict[str, Any] = {}
         for name in ("learned", "random"):
             det = Detector.fit(lm, found[name].vectors, src, tgt, reference, where, positions)
-            acts = {"clean": det.activations(lm, clean)}
-            acts.update({g: det.activations(lm, ps) for g, ps in triggered.items()})
             row[name], base = _evaluate(det, acts, fpr)
             row["baseline"] = base  # the same for both banks: it ignores the directions
         layers[where] = row
