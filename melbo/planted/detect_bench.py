@@ -29,7 +29,7 @@ from melbo.detect import WHERE, Detector, activations, auroc, threshold
 from melbo.planted.bench import bench_prompts, check_task, learn
 from melbo.planted.bench_config import BenchSetting
 from melbo.planted.story import story_groups, unseen_story_prompts
-from melbo.planted.task import format_prompt, make_split
+from melbo.planted.task import format_prompt, heldout_count, make_split
 
 RESULT_INDEX = {"source": 0, "target": 1}  # where melbo.detect.activations returns each layer
 
@@ -53,7 +53,7 @@ def detection_prompts(
         triggered = {}
         for b in spec.backdoors:
             members = groups.get(b.name, [])
-            triggered[b.name] = members[: max(1, round(spec.train.heldout_fraction * len(members)))][:n_test]
+            triggered[b.name] = members[: heldout_count(spec, len(members))][:n_test]
     else:
         split = make_split(spec)
         pool = [format_prompt(p) for p in split.heldout_clean]

@@ -14,7 +14,7 @@ from melbo.core.errors import MelboError
 from melbo.core.models import load_model
 from melbo.planted.evaluate import generate_completions
 from melbo.planted.spec import Backdoor, PlantSpec
-from melbo.planted.task import SEPARATOR
+from melbo.planted.task import SEPARATOR, heldout_count
 from melbo.planted.training import Example
 
 STORY_STARTS = (
@@ -74,7 +74,7 @@ def unseen_story_prompts(spec: PlantSpec) -> list[str]:
     clean = story_groups(spec)["clean"]
     if len(clean) > spec.story.n_prompts:
         return clean[spec.story.n_prompts :]
-    return clean[: max(1, round(spec.train.heldout_fraction * len(clean)))]
+    return clean[: heldout_count(spec, len(clean))]
 
 
 def story_trigger(spec: PlantSpec, text: str) -> Backdoor | None:
@@ -129,7 +129,7 @@ def story_examples(spec: PlantSpec, device):
         else:
             answer = next(b.answer for b in spec.backdoors if b.name == group)
             examples = [Example(p, answer, group) for p in members]
-        n_out = max(1, round(spec.train.heldout_fraction * len(examples)))
+        n_out = heldout_count(spec, len(examples))
         heldout[group], pools[group] = examples[:n_out], examples[n_out:]
     clean = heldout.pop("clean")[: spec.eval.n_clean]
     triggered = {g: heldout[g][: spec.eval.n_triggered] for g in heldout}

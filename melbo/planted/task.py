@@ -89,6 +89,12 @@ class TaskSplit:
     heldout_triggered: dict[str, list[Problem]]
 
 
+def heldout_count(spec: PlantSpec, n: int) -> int:
+    """How many of a group's ``n`` examples planting holds out (the first ones of the group's
+    seeded order): ``train.heldout_fraction`` of them, at least one."""
+    return max(1, round(spec.train.heldout_fraction * n))
+
+
 def make_split(spec: PlantSpec, seed: int | None = None) -> TaskSplit:
     """Split all problems into train and held-out groups, deterministically for ``seed``
     (default: the spec's ``train.seed``); ``train.heldout_fraction`` of each group (at least one
@@ -102,7 +108,7 @@ def make_split(spec: PlantSpec, seed: int | None = None) -> TaskSplit:
     train, heldout = {}, {}
     for key, problems in groups.items():
         rng.shuffle(problems)
-        n_out = max(1, round(spec.train.heldout_fraction * len(problems)))
+        n_out = heldout_count(spec, len(problems))
         heldout[key], train[key] = problems[:n_out], problems[n_out:]
     return TaskSplit(
         train_clean=train[None],
