@@ -9,13 +9,14 @@ import click
 from melbo.capability import Task, run_capability
 from melbo.cli.common import given, model_options, open_model
 from melbo.core.io import check_writable
+from melbo.methods.registry import STANDALONE_METHODS
 
 
 @click.command("capability")
 @click.option("--model", required=True, help="Hub id, local folder, or .gguf file of a causal language model.")
 @click.option("--op", type=click.Choice(["times", "plus", "minus"]), default="times", help="The arithmetic operation.")
 @click.option("--digits", default="2,1", help="Digits of a and of b, like 2,1 (a two-digit times a one-digit number).")
-@click.option("--method", type=click.Choice(["melbo", "dct", "adapter", "rank1"]), default="melbo", help="The method.")
+@click.option("--method", type=click.Choice(STANDALONE_METHODS), default="melbo", help="The method.")
 @click.option("--num-vectors", type=int, default=16, help="Learned vectors (and as many random ones).")
 @click.option("--num-train", type=int, default=1, help="Training instances (prompts).")
 @click.option("--num-test", type=int, default=30, help="Held-out instances each vector answers.")

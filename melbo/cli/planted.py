@@ -13,6 +13,7 @@ from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
 from melbo.core.io import check_writable
 from melbo.defaults import PLANTED
+from melbo.methods.registry import STANDALONE_METHODS
 from melbo.planted.bench import bench_prompts, run_bench
 from melbo.planted.bench_config import parse_sweep, setting_from_options
 from melbo.planted.bench_report import summary_lines
@@ -84,7 +85,7 @@ def bench() -> None:
 )
 @click.option(
     "--method",
-    type=click.Choice(["melbo", "dct", "adapter", "rank1"]),
+    type=click.Choice(STANDALONE_METHODS),
     default="dct",
     help="dct: the top N of a deep causal transcoder's factors (the best measured on every planted subject); "
     "melbo: N vectors one by one; adapter: N steering adapters; rank1: N rank-1 factors at once.",

@@ -25,6 +25,7 @@ from melbo.core.io import check_writable, write_json
 from melbo.core.prompts import check_prompts
 from melbo.defaults import describe
 from melbo.methods.calibrate import CalibrationError, format_curve
+from melbo.methods.registry import STANDALONE_METHODS
 from melbo.report.summary import sweep_table
 from melbo.run import RunFolder
 from melbo.run import train as train_api
@@ -60,8 +61,7 @@ TRAIN_SETTINGS = {
     "memory_gb": "memory_gb",
 }
 EPILOG = "\b\nDefaults per method (melbo.defaults):\n" + "\n".join(
-    f"\b\n[{m}]\n" + "\n".join("  " + line for line in describe(m).splitlines())
-    for m in ("melbo", "dct", "adapter", "rank1")
+    f"\b\n[{m}]\n" + "\n".join("  " + line for line in describe(m).splitlines()) for m in STANDALONE_METHODS
 )
 
 
@@ -70,7 +70,7 @@ EPILOG = "\b\nDefaults per method (melbo.defaults):\n" + "\n".join(
 @prompt_options
 @click.option(
     "--method",
-    type=click.Choice(["melbo", "dct", "adapter", "rank1"]),
+    type=click.Choice(STANDALONE_METHODS),
     default="melbo",
     help="melbo: steering vectors one by one (METHOD.md section 1); dct: deep causal transcoding, all factors "
     "at once (section 5); adapter: rank-r steering adapters on the source block's MLP output (section 2); "

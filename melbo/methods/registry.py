@@ -12,6 +12,8 @@ from melbo.methods.rank1 import Rank1Method
 
 _ALL = (MelboMethod, DCTMethod, AdapterMethod, Rank1Method, OrthoMethod)
 METHODS: dict[str, type[Method]] = {m.name: m for m in _ALL}
+STANDALONE_METHODS = tuple(name for name in METHODS if name != "ortho")
+"""The methods that need only a model and prompts (MELBO-ortho also needs a base vector)."""
 
 
 def get_method(name: str) -> type[Method]:
@@ -21,3 +23,12 @@ def get_method(name: str) -> type[Method]:
         MelboError: an unknown name (listing the known ones).
     """
     return METHODS[check_choice("method", name, METHODS)]
+
+
+def trains_adapters(name: str) -> bool:
+    """Whether method ``name`` fits adapters (weight perturbations) rather than steering vectors.
+
+    Raises:
+        MelboError: an unknown name.
+    """
+    return get_method(name).kind == "adapter"

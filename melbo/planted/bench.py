@@ -27,6 +27,7 @@ from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
 from melbo.core.models import LoadedModel
 from melbo.core.validate import check_int
+from melbo.methods.registry import trains_adapters
 from melbo.planted.bench_config import BenchSetting
 from melbo.planted.bench_report import write_report
 from melbo.planted.scoring import Judge, behavior_names, generalization, label_group, parse_problem, score_labels
@@ -121,7 +122,7 @@ def learn(lm: LoadedModel, prompts: list[str], setting: BenchSetting, show_progr
     extra: dict[str, Any] = {"objective": [learned.info(i).get("objective") for i in range(N)]}
     if setting.method == "dct":
         extra.update({"alpha": [learned.info(i).get("alpha") for i in range(N)], "factors": m.get("num_factors")})
-    if setting.method in ("adapter", "rank1"):
+    if trains_adapters(setting.method):
         extra.update({"rank": m.get("rank"), "module": m.get("module")})
     return {
         "learned": learned,

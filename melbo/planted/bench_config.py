@@ -18,9 +18,9 @@ from melbo.core.radius import parse_radius
 from melbo.core.validate import check_positive
 from melbo.defaults import DCT_SCALE_SCAN, PLANTED
 from melbo.methods.base import make_settings
-from melbo.methods.registry import get_method
+from melbo.methods.registry import STANDALONE_METHODS, get_method, trains_adapters
 
-BENCH_METHODS = ("melbo", "dct", "adapter", "rank1")
+BENCH_METHODS = STANDALONE_METHODS
 
 
 @dataclass
@@ -98,7 +98,7 @@ class BenchSetting:
         """
         if self.method not in BENCH_METHODS:
             raise MelboError(f"unknown method {self.method!r}; allowed: {', '.join(BENCH_METHODS)}")
-        if self.method in ("adapter", "rank1") and self.writes_only:
+        if trains_adapters(self.method) and self.writes_only:
             raise MelboError("writes-only is for vectors (melbo, dct), not for adapters")
         make_settings(self.method, get_method(self.method).settings_class, self.train_settings())
         if not self.scales:
@@ -120,7 +120,7 @@ class BenchSetting:
         ]
         if self.method in ("melbo", "adapter", "rank1"):
             parts.append(f"steps={self.steps}")
-        if self.method in ("adapter", "rank1"):
+        if trains_adapters(self.method):
             parts.append(f"rank={self.rank or 'auto'}")
         if self.method == "dct" and self.orthogonalize != "qr":
             parts.append(f"ortho={self.orthogonalize}")

@@ -26,6 +26,7 @@ from melbo.core.io import make_dir, write_json, write_text
 from melbo.core.models import LoadedModel
 from melbo.core.validate import check_int
 from melbo.detect import WHERE, Detector, activations, auroc, threshold
+from melbo.methods.registry import trains_adapters
 from melbo.planted.bench import bench_prompts, check_task, learn
 from melbo.planted.bench_config import BenchSetting
 from melbo.planted.story import story_groups, unseen_story_prompts
@@ -108,7 +109,7 @@ def run_detect_bench(
         MelboError: the spec does not fit the model, bad counts or setting, a vector-less method.
     """
     check_task(spec, lm)
-    if setting.method in ("adapter", "rank1"):
+    if trains_adapters(setting.method):
         raise MelboError("the detection benchmark takes steering vectors (melbo, dct); adapters have no direction")
     t0 = time.perf_counter()
     train_prompts, _ = bench_prompts(spec, None, 1, None, num_prompts)
