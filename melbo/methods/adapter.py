@@ -241,8 +241,7 @@ class AdapterMethod:
         self.residual_norm = self.aslice.slice.residual_norm()
         r = parse_radius(s.radius)
         if r.kind == "relative":
-            a0, b0 = zip(*[self.start(i) for i in range(s.num_vectors)])
-            unit = self.aslice.perturbation_norm(torch.stack(a0), torch.stack(b0), 1.0).mean().item()
+            unit = self.aslice.perturbation_norm(*self.starts(range(s.num_vectors)), 1.0).mean().item()
             self.radius = float(r.value) * self.residual_norm / unit  # type: ignore[arg-type]
         else:
             self.radius = r.resolve(self.residual_norm)
@@ -262,6 +261,11 @@ class AdapterMethod:
 
     def start(self, index: int, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         return adapter_start(index, self.mlp.d_hidden, self.mlp.d_model, self.rank, self.ctx.settings.seed, stream)
+
+    def starts(self, indices, stream: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The starts of adapters ``indices`` (:meth:`start`), stacked: ``([k, d_hidden, r], [k, d_model, r])``."""
+        a, b = zip(*[self.start(i, stream) for i in indices])
+        return torch.stack(a), torch.stack(b)
 
     def fit(self, resume: Fit | None, checkpoint: Checkpoint | None) -> Fit:
         s, device = self.ctx.settings, self.aslice.z0.device
@@ -288,7 +292,7 @@ class AdapterMethod:
             for first in range(len(info), s.num_vectors, s.batch):
                 idx = list(range(first, min(s.num_vectors, first + s.batch)))
                 t0 = time.perf_counter()
-                a0, b0 = (torch.stack(x) for x in zip(*[self.start(k) for k in idx]))
+                a0, b0 = self.starts(idx)
                 a = a0.to(device).clone().requires_grad_(True)
                 b = b0.to(device).clone().requires_grad_(True)
                 opt = torch.optim.AdamW([a, b], lr=self.lr, betas=BETAS, weight_decay=0.0, amsgrad=True)

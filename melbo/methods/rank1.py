@@ -144,13 +144,13 @@ class Rank1Method(AdapterMethod):
         return factor_start(index, self.mlp.d_hidden, self.mlp.d_model, self.ctx.settings.seed, stream)
 
     def random_baseline(self, fit: Fit) -> dict[str, torch.Tensor]:
-        a, b = (torch.stack(x) for x in zip(*[self.start(k, 1) for k in range(len(fit))]))
+        a, b = self.starts(range(len(fit)), 1)
         return {"random_omega_a": a, "random_omega_b": b}
 
     def fit(self, resume: Fit | None, checkpoint: Checkpoint | None) -> Fit:
         s, device = self.ctx.settings, self.aslice.z0.device
         t0 = time.perf_counter()
-        a0, b0 = (torch.stack(x) for x in zip(*[self.start(k) for k in range(s.num_vectors)]))
+        a0, b0 = self.starts(range(s.num_vectors))
         a = a0.to(device).clone().requires_grad_(True)
         b = b0.to(device).clone().requires_grad_(True)
         opt = torch.optim.AdamW([a, b], lr=self.lr, betas=BETAS, weight_decay=0.0, amsgrad=True)
