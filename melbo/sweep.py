@@ -47,7 +47,7 @@ def parse_grid(text: str) -> list[dict[str, Any]]:
     Raises:
         MelboError: an empty grid, an empty prompt, and every error of the bench grid's parser.
     """
-    pieces = [p for p in str(text or "").split(",")]
+    pieces = str(text or "").split(",")
     prompt_sets: list[list[str]] = []
     rest: list[str] = []
     in_prompts = False

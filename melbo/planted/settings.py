@@ -197,7 +197,7 @@ def check_settings(
     check(0 < train.backdoor_fraction < 0.5, "train.backdoor_fraction", train.backdoor_fraction, "a number in (0, 0.5)")
     check(0 < train.heldout_fraction < 0.5, "train.heldout_fraction", train.heldout_fraction, "a number in (0, 0.5)")
     check(train.lora_rank >= 0, "train.lora_rank", train.lora_rank, "an integer >= 0 (0: train every weight)")
-    check(train.lora_alpha > 0, "train.lora_alpha", train.lora_alpha, "a number > 0")
+    check(train.lora_alpha > 0, "train.lora_alpha", train.lora_alpha, "an integer > 0")
     targets = list(train.lora_targets)
     check(len(targets) > 0, "train.lora_targets", targets, "a non-empty list of module names")
     check(noise.residual_std >= 0, "noise.residual_std", noise.residual_std, "a number >= 0")
