@@ -16,8 +16,9 @@ Example:
 Layout: :mod:`melbo.core` (models, hooks, prompts, the truncated pass, the sphere, validation,
 files), :mod:`melbo.methods` (one module per method), :mod:`melbo.run` (the orchestrator),
 :mod:`melbo.bank` and :mod:`melbo.vector` (what a run returns), :mod:`melbo.detect` (anomaly
-scores with a bank), :mod:`melbo.sweep` (grids of runs as Ray tasks), :mod:`melbo.report`,
-:mod:`melbo.planted` (the planted-behavior benchmark), :mod:`melbo.cli`.
+scores with a bank), :mod:`melbo.eval` (the behavior judge of steered completions),
+:mod:`melbo.sweep` (grids of runs as Ray tasks), :mod:`melbo.report`, :mod:`melbo.planted` (the
+planted-behavior benchmark), :mod:`melbo.cli`.
 """
 
 from melbo._version import __version__
@@ -29,6 +30,7 @@ from melbo.core.generate import GenerationConfig
 from melbo.core.models import LoadedModel, load_model, wrap_model
 from melbo.defaults import DEFAULTS
 from melbo.detect import Detector, auroc
+from melbo.eval import judge
 from melbo.export import export_gguf, vectors_from_gguf
 from melbo.methods.calibrate import Calibration, CalibrationError
 from melbo.methods.registry import METHODS
@@ -53,6 +55,7 @@ __all__ = [
     "auroc",
     "calibrate",
     "export_gguf",
+    "judge",
     "load_model",
     "ortho",
     "run_sweep",

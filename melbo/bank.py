@@ -260,13 +260,16 @@ class Bank:
             ``{label: [completion of each prompt]}``, labels ``"unsteered"``, ``"vector 3"``, ...
 
         Raises:
-            MelboError: bad indices, prompts or generation settings; no random baseline.
+            MelboError: bad indices, prompts or generation settings; no random baseline; no
+                perturbation chosen (an empty bank).
         """
         src = self.random if random else self
         if src is None:
             raise MelboError("this bank holds no random baseline")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         cfg = GenerationConfig(**generation)
+        if not len(src):  # choosing nothing would return only the unsteered text, as if it had worked
+            raise MelboError(f"the bank holds no {self._noun()}s (0 rows); there is nothing to generate with")
         sub = src.subset(vectors) if vectors is not None else src
         count, perturb = sub.perturb(scale, unsteered, cfg.steer_positions)
         comps = generate_rows(sub.model(), prompts, count, perturb, cfg)

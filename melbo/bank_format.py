@@ -3,6 +3,7 @@ adapter bank as PEFT LoRA folders."""
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -28,8 +29,9 @@ def check_contents(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
     Raises:
         MelboError: an unknown kind, a missing tensor, shapes that do not fit (vectors not
-            ``[n, d]``, baseline or starts of another width, adapter factors that do not pair),
-            metadata fields of the wrong type or describing another number of perturbations.
+            ``[n, d]``, baseline or starts of another shape, adapter factors that do not pair),
+            metadata fields of the wrong type (layers, widths, R) or describing another number of
+            perturbations.
     """
     kind = meta.get("kind", "vector")
     if kind not in KINDS:
@@ -39,7 +41,7 @@ def check_contents(tensors: dict[str, torch.Tensor], meta: dict) -> None:
             raise MelboError(f"a {kind} bank needs a tensor {name!r}")
     if kind == "vector":
         v = tensors["vectors"]
-        if v.dim() != 2:
+        if v.dim() != 2 or not v.shape[1]:
             raise MelboError(f"a bank holds vectors of shape [n, d_model], got {tuple(v.shape)}")
         for k in ("random_vectors", "start_vectors", "u_directions"):
             t = tensors.get(k)
@@ -52,15 +54,25 @@ def check_contents(tensors: dict[str, torch.Tensor], meta: dict) -> None:
                 f"adapter factors of shapes {tuple(a.shape)} and {tuple(b.shape)} do not fit: "
                 f"expected [n, d_hidden, r] and [n, d_model, r]"
             )
+        for k, ref in (("random_omega_a", a), ("start_omega_a", a), ("random_omega_b", b), ("start_omega_b", b)):
+            t = tensors.get(k)
+            if t is not None and (t.dim() != 3 or t.shape[1:] != ref.shape[1:]):
+                raise MelboError(
+                    f"bank tensor {k!r} has shape {tuple(t.shape)}, expected [k, {ref.shape[1]}, {ref.shape[2]}]"
+                )
         for key in ("module_name", "radius"):
             if key not in meta:
                 raise MelboError(f"an adapter bank's metadata needs {key!r}")
     hd = meta.get("hidden_size")
     if hd is not None and _d_model(kind, tensors) != hd:
         raise MelboError(f"bank vectors are {_d_model(kind, tensors)} wide, but its metadata says hidden_size={hd}")
-    for key in ("source_layer", "target_layer"):
+    for key in ("source_layer", "target_layer", "num_layers", "hidden_size"):
         if meta.get(key) is not None and (isinstance(meta[key], bool) or not isinstance(meta[key], int)):
             raise MelboError(f"bank metadata {key} is {meta[key]!r}; expected an integer")
+    for key in ("radius", "residual_norm"):
+        x = meta.get(key)
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)):
+            raise MelboError(f"bank metadata {key} is {x!r}; expected a finite number")
     rows = meta.get("vectors")
     if rows is not None and (not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows)):
         raise MelboError("bank metadata 'vectors' must be a list of objects (one per perturbation)")

@@ -18,13 +18,14 @@ import random
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from melbo.bank import Bank
 from melbo.core.errors import MelboError
-from melbo.core.io import make_dir, write_json, write_text
+from melbo.core.generate import GenerationConfig, check_fits
+from melbo.core.io import write_json, write_text
 from melbo.core.models import LoadedModel
+from melbo.core.outputs import claim_folder
 from melbo.core.validate import check_choice, check_int
 from melbo.run import train
 
@@ -89,6 +90,7 @@ def run_capability(
     max_new_tokens: int = 48,
     out: str | os.PathLike | None = None,
     show_progress: bool = False,
+    overwrite: bool = False,
     **settings: Any,
 ) -> dict:
     """Train on ``num_train`` instances, score every vector on ``num_test`` other ones.
@@ -96,16 +98,20 @@ def run_capability(
     Returns:
         ``{"unsteered": accuracy, "learned": [accuracy per vector], "random": [...], "best": {...},
         "examples": {...}, "radius", "train_prompts", "seconds"}``; with ``out``, ``capability.json``
-        and ``capability.md`` there.
+        and ``capability.md`` there. ``out`` must be new, empty or an earlier output of the
+        benchmark, which ``overwrite`` replaces (:mod:`melbo.core.outputs`).
 
     Raises:
-        MelboError: a bad task or setting.
+        MelboError: a bad task or setting; an ``out`` the output rule refuses; test prompts that,
+            with ``max_new_tokens``, need more positions than the model reads.
     """
+    target = claim_folder(out, "bench capability", overwrite=overwrite) if out is not None else None
     task.check()
     num_train = check_int("training instances", num_train, 1, 100)
     num_test = check_int("test instances", num_test, 1, 10_000)
     pairs = task.instances(num_train + num_test, seed)
     train_pairs, test_pairs = pairs[:num_train], pairs[num_train:]
+    check_fits(lm, [task.prompt(a, b) for a, b in test_pairs], GenerationConfig(max_new_tokens=max_new_tokens))
     t0 = time.perf_counter()
     bank = train(
         lm,
@@ -150,9 +156,8 @@ def run_capability(
         "seconds": time.perf_counter() - t0,
         "rule": "answer = last integer before a new 'Q:'; accuracy = share of test instances answered correctly",
     }
-    if out is not None:
-        folder = Path(out)
-        make_dir(folder)
+    if target is not None:
+        folder = target.prepare()
         write_json(folder / "capability.json", report)
         write_text(folder / "capability.md", capability_markdown(report))
         bank.save(folder)

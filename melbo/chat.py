@@ -28,6 +28,7 @@ from melbo.core.generate import GenerationConfig
 from melbo.core.hooks import STEER_POSITIONS
 from melbo.core.io import write_jsonl
 from melbo.core.models import LoadedModel
+from melbo.core.prompts import position_limit
 from melbo.core.validate import check_choice, check_number
 from melbo.vector import SteeringVector
 
@@ -62,7 +63,7 @@ class ChatSession:
 
     Raises:
         MelboError: an adapter bank, a bank from another model, an unknown vector index, a bad
-            scale or positions.
+            scale or positions, ``max_new_tokens`` past the positions the model reads.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class ChatSession:
         if vector is not None:
             self.set_vector(vector, random)
         self.reset()
+        self._check_fits(self.messages + [{"role": "user", "content": "?"}])  # a reply must fit at all
 
     # ------------------------------------------------------------ steering controls
 
@@ -158,10 +160,11 @@ class ChatSession:
         """Add a user message, generate the (steered) reply, add it, and return it.
 
         Raises:
-            MelboError: an empty message.
+            MelboError: an empty message; a conversation too long for the model's positions.
         """
         if not isinstance(text, str) or not text.strip():
             raise MelboError("an empty message; type some text")
+        self._check_fits(self.messages + [{"role": "user", "content": text}])
         self.messages.append({"role": "user", "content": text})
         self._record("user", text)
         reply = self._reply()
@@ -169,6 +172,27 @@ class ChatSession:
         self._record("assistant", reply)
         self.turn += 1
         return reply
+
+    def _check_fits(self, messages: list[dict]) -> None:
+        """Refuse a conversation that, with a reply of ``max_new_tokens``, needs more positions than
+        the model reads (past them the replies are not the model's: see
+        :func:`melbo.core.prompts.check_length`).
+
+        Raises:
+            MelboError: naming the lengths; ``/reset`` starts a shorter conversation.
+        """
+        tok, limit = self.lm.tokenizer, position_limit(self.lm.tokenizer)
+        if limit is None:
+            return
+        text, templated = render(tok, messages)
+        n = len(tok(text, add_special_tokens=not templated)["input_ids"])
+        m = self.generation.max_new_tokens
+        if n + m > limit:
+            raise MelboError(
+                f"the conversation is {n} tokens and a reply up to {m} (--max-new-tokens): {n + m} positions, "
+                f"but the model reads at most {limit} (max_position_embeddings); lower --max-new-tokens or start "
+                f"a new conversation (/reset)"
+            )
 
     def _reply(self) -> str:
         lm, cfg, tok = self.lm, self.generation, self.lm.tokenizer

@@ -21,6 +21,7 @@ import torch
 
 from melbo.core.errors import MelboError
 from melbo.core.io import cache_dir
+from melbo.core.model_files import first_line, load_sentence_transformer
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
@@ -54,14 +55,18 @@ def embedder_path(embedder: str | None = None) -> str:
 
 @lru_cache(maxsize=4)
 def _load(path: str) -> Any:
+    """The sentence-transformers model at ``path``, never running its code
+    (:func:`melbo.core.model_files.load_sentence_transformer`).
+
+    Raises:
+        MelboError: not installed, custom code, or it cannot be loaded.
+    """
     try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise MelboError("sentence-transformers is not installed: pip install 'melbo[real]'") from None
-    try:
-        return SentenceTransformer(path, device="cpu")
-    except (OSError, ValueError) as e:
-        raise MelboError(f"cannot load the sentence-embedding model {path!r}: {str(e).splitlines()[0]}") from None
+        return load_sentence_transformer(path)
+    except MelboError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers, tokenizers, safetensors: the files are bad
+        raise MelboError(f"cannot load the sentence-embedding model {path!r}: {first_line(e)}") from None
 
 
 def embed(texts: list[str], embedder: str | None = None) -> torch.Tensor:

@@ -46,7 +46,7 @@ def control_vector(
 
     Raises:
         MelboError: no vector, a vector at block 0 (llama.cpp cannot steer there), a layer past
-            the model's last block, a non-finite scale, widths that differ.
+            the model's last block, a non-finite scale, widths that differ, a zero direction.
     """
     if not vectors:
         raise MelboError("no steering vector to export; give at least one index")
@@ -62,6 +62,12 @@ def control_vector(
         if num_layers is not None and not 0 < k < num_layers:
             raise MelboError(f"{v.label or 'the vector'} is at block {k}, but the model has blocks 0..{num_layers - 1}")
         out[k] = out.get(k, torch.zeros_like(v.vector)) + scale * v.vector.float()
+    for k, t in out.items():
+        if not bool(t.abs().sum() > 0):
+            raise MelboError(
+                f"the control vector for block {k} is zero (scale {scale:g}, or zero vectors, or vectors that cancel); "
+                f"it would steer nothing; give a nonzero scale and nonzero vectors"
+            )
     return ControlVector(out, model_hint)
 
 

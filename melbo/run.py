@@ -9,8 +9,9 @@ It owns what every method shares (METHOD.md sections 1 and 4):
    continues a stopped run without redoing anything;
 4. the random baseline at the same R and its objective;
 5. with a run folder: ``bank.safetensors`` (plus PEFT folders for adapters),
-   ``completions.jsonl``, ``summary.json`` and ``summary.md`` (and for MELBO-ortho the KL and
-   norm measures).
+   ``completions.jsonl``, ``summary.json`` and ``summary.md`` with the distinct behaviors
+   (:mod:`melbo.eval.behaviors`: ``enumeration.png``, ``frontier.png``), and for MELBO-ortho the
+   KL and norm measures.
 
 Example:
     >>> import melbo                                                              # doctest: +SKIP
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,16 @@ from tqdm.auto import tqdm
 
 from melbo.bank import BANK_FILE, Bank
 from melbo.core.errors import MelboError
-from melbo.core.generate import GenerationConfig
-from melbo.core.io import check_writable, make_dir, remove_stale_temps
+from melbo.core.generate import GenerationConfig, check_fits
+from melbo.core.io import remove_stale_temps
 from melbo.core.models import LoadedModel, check_layers, default_layers, load_model
+from melbo.core.outputs import Inputs, claim_folder
 from melbo.core.prompts import check_prompts, encode_prompts
 from melbo.core.radius import parse_radius
+from melbo.eval.behaviors import run_behaviors
+from melbo.eval.control_stats import Predicate
+from melbo.eval.controls import parse_controls
+from melbo.eval.panel import evaluate_controls
 from melbo.measure import kl_label
 from melbo.methods.base import Context, Fit, make_settings
 from melbo.methods.radius_sweep import sweep_radius, write_sweep
@@ -50,26 +57,32 @@ _NOT_COMPARED = {"num_vectors", "base"}
 
 
 class RunFolder:
-    """A run's output folder: checked before work starts, written atomically after each checkpoint.
+    """A run's output folder: checked before work starts (:func:`melbo.core.outputs.claim_folder`),
+    written atomically after each checkpoint, with the marker of a ``train`` run.
+
+    Args:
+        inputs: the command's input files (``(what, path)``); none may be where the run writes.
 
     Raises:
-        MelboError: ``out`` is a file; a new run into a folder that already holds a bank; ``resume``
-            without a bank to continue.
+        MelboError: ``out`` is a file; it is a folder holding files of the user's; a new run into a
+            folder that already holds a run (without ``resume`` or ``overwrite``); ``resume``
+            without a bank to continue; both ``resume`` and ``overwrite``.
     """
 
-    def __init__(self, out: str | os.PathLike, resume: bool):
-        self.path = Path(out)
-        if self.path.exists() and not self.path.is_dir():
-            raise MelboError(f"--out {str(self.path)!r} is a file, not a folder")
-        check_writable(self.path, "run folder")
+    def __init__(self, out: str | os.PathLike, resume: bool, overwrite: bool = False, inputs: Inputs = ()):
+        if resume and overwrite:
+            raise MelboError("--resume continues the run in --out and --overwrite starts it over; give one of them")
+        self.folder = claim_folder(out, "train", inputs=inputs, overwrite=overwrite)
+        self.path = self.folder.path
         bank = self.path / BANK_FILE
         if resume and not bank.is_file():
             raise MelboError(
                 f"--resume: no {BANK_FILE} in {str(self.path)!r} to continue; drop --resume to start a new run"
             )
-        if not resume and bank.exists():
+        if not resume and not overwrite and bank.exists():
             raise MelboError(
-                f"{str(self.path)!r} already holds a run; pass --resume to continue it, or choose another --out"
+                f"{str(self.path)!r} already holds a run; pass --resume to continue it, --overwrite to start it "
+                "over, or choose another --out"
             )
         self.resume = resume
         self.created = not self.path.exists()
@@ -82,7 +95,9 @@ class RunFolder:
         return Bank.load(self.path)
 
     def save(self, bank: Bank) -> None:
-        make_dir(self.path, "run folder")
+        """Write the bank (the first time: create the folder, clear an earlier run with ``overwrite``,
+        write the marker)."""
+        self.folder.prepare()
         bank.save(self.path)
 
 
@@ -107,11 +122,14 @@ def train(
     *,
     out: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     heldout: list[str] | tuple[str, ...] = (),
     generation: GenerationConfig | None = None,
     evaluate: bool | None = None,
     show_progress: bool = True,
     sweep_options: dict[str, Any] | None = None,
+    controls: str | Sequence[str] | None = None,
+    control_predicate: Predicate | None = None,
     **settings: Any,
 ) -> Bank:
     """Find perturbations of ``lm`` that change its behavior on ``prompts``, with no labels.
@@ -125,11 +143,20 @@ def train(
             (MELBO-ortho from ``base=bank[k]``, section 3).
         out: a run folder to write (None: nothing is written).
         resume: continue the run in ``out`` (same settings; ``num_vectors`` may grow).
+        overwrite: start the run in ``out`` over (an earlier run's files are removed at the first
+            checkpoint; files melbo did not write are kept). ``out`` may only be new, empty or
+            an earlier run folder (:mod:`melbo.core.outputs`).
         heldout: prompts to generate on but not train on.
         generation: how completions are generated (greedy, 64 new tokens by default).
         evaluate: generate completions and the summary (default: when ``out`` is given).
         sweep_options: keyword arguments of :func:`melbo.methods.radius_sweep.sweep_radius` for
             ``radius="auto"`` (``grid``, ``per_radius``, ``steps``, ``max_new_tokens``, ``embedder``).
+        controls: negative controls at a matched budget (``cheap``, ``all`` or names,
+            :mod:`melbo.eval.controls`): their completions go to ``controls.jsonl`` and the
+            learned-vs-controls table (hits, one-sided Fisher p) to ``bank.evaluation["controls"]``
+            and the summary. Needs ``evaluate``.
+        control_predicate: what counts as a hit for that table (:mod:`melbo.eval.control_stats`;
+            default: coherent and different, or changed without a sentence-embedding model).
         settings: the method's settings; defaults and their reasons are in
             :data:`melbo.defaults.DEFAULTS` (e.g. ``radius="0.2x"``, ``num_vectors=16``,
             ``source_layer=4``, ``steps=300``, ``positions="last:3"``).
@@ -141,7 +168,8 @@ def train(
     Raises:
         MelboError: any bad input, checked before anything is written (unknown setting or
             method, bad value, empty prompt, layers out of range, an existing run without
-            ``resume``, ...); ``CalibrationError`` when a calibrated R has no root.
+            ``resume`` or ``overwrite``, an ``out`` folder holding files melbo did not write,
+            ...); ``CalibrationError`` when a calibrated R has no root.
 
     Example:
         >>> bank = melbo.train(lm, "Once upon a time", radius="0.2x", num_vectors=8)   # doctest: +SKIP
@@ -155,7 +183,11 @@ def train(
         check_prompts([p])
     gen = generation or GenerationConfig(chat=s.chat, seed=s.seed)
     evaluate = out is not None if evaluate is None else evaluate
-    run = RunFolder(out, resume) if out is not None else None
+    if controls is not None:
+        if not evaluate:
+            raise MelboError("controls are compared on completions: give out (or evaluate=True) with controls")
+        parse_controls(controls).for_kind(cls.kind)
+    run = RunFolder(out, resume, overwrite) if out is not None else None
     if resume and run is None:
         raise MelboError("resume=True needs the run folder (out) to continue")
 
@@ -170,6 +202,8 @@ def train(
     )
     s.check_model(lm.d_model)
     batch = encode_prompts(lm.tokenizer, prompts, s.positions, s.chat)
+    if evaluate:  # the completions must fit the model's positions: checked before any training
+        check_fits(lm, prompts + heldout, gen)
     sweep = None
     if hasattr(s, "radius") and parse_radius(s.radius).kind == "auto":
         sweep = sweep_radius(
@@ -247,8 +281,13 @@ def train(
                 "seconds_per_step": seconds / (new * steps) if new > 0 and steps else None,
             }
         )
+        if controls is not None:
+            ev["controls"] = evaluate_controls(
+                bank, ev, gen, controls, s.seed, control_predicate, run.path if run is not None else None
+            )
         bank.evaluation = ev
         if run is not None:
+            ev["behaviors"] = run_behaviors(run.path, lm, gen.chat)  # learned, random and controls' completions
             if getattr(cls, "writes_measures", False):
                 idx = list(range(len(bank)))
                 kl = bank.kl(reference=0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import shutil
 import time
@@ -28,47 +29,48 @@ import torch
 
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
+from melbo.core.grid import parse_grid_text, read_grid_file
 from melbo.core.io import make_dir, read_json, write_json, write_text
-from melbo.core.models import load_model
+from melbo.core.models import load_model, pick_device
+from melbo.core.outputs import HIDDEN, claim_folder
+from melbo.methods.base import make_settings
 from melbo.methods.registry import get_method
-from melbo.planted.bench_config import BENCH_METHODS, parse_sweep
+from melbo.planted.bench_config import BENCH_METHODS, SWEEP_KEYS, parse_sweep
 from melbo.run import train
 
 PLAN, TABLE_JSON, TABLE_MD, ROW = "sweep_plan.json", "sweep.json", "sweep.md", "row.json"
 
 
-def parse_grid(text: str) -> list[dict[str, Any]]:
-    """A grid like ``prompts=Once upon a time|The cat,radius=0.1x,0.2x,method=melbo,dct`` -> its
-    settings (the cartesian product, first key slowest), each a dict of :func:`melbo.train`
-    keyword arguments plus ``method`` and ``prompts`` (a list). ``prompts`` values are prompt
-    sets, ``|`` between the prompts of one set (no commas inside a prompt); the other keys are
-    those of ``melbo bench backdoor --sweep`` (:data:`melbo.planted.bench_config.SWEEP_KEYS`).
+GRID_KEYS = ("prompts", *SWEEP_KEYS)
+
+
+def read_grid(path: str | os.PathLike) -> dict[str, list]:
+    """A grid file (JSON or TOML: ``prompts`` -> a list of prompt sets, each a list of strings; the
+    other keys -> lists of values), e.g. ``{"prompts": [["Hello, world", "The cat"]], "radius":
+    ["0.1x", "0.2x"]}``, as ``{key: [values]}`` for :func:`parse_grid` and :func:`run_sweep`.
 
     Raises:
-        MelboError: an empty grid, an empty prompt, and every error of the bench grid's parser.
+        MelboError: see :func:`melbo.core.grid.read_grid_file`.
     """
-    pieces = str(text or "").split(",")
-    prompt_sets: list[list[str]] = []
-    rest: list[str] = []
-    in_prompts = False
-    for piece in pieces:
-        key = piece.partition("=")[0].strip().lower() if "=" in piece else None
-        if key is not None:
-            in_prompts = key == "prompts"
-            if in_prompts and prompt_sets:
-                raise MelboError(f"sweep key 'prompts' appears twice in {text!r}; give all its values once")
-            if in_prompts:
-                piece = piece.partition("=")[2]
-        if in_prompts:
-            prompts = [p.strip().replace("\\n", "\n") for p in piece.split("|")]
-            if not all(prompts):
-                raise MelboError(f"empty prompt in the sweep value {piece!r}; allowed: prompts separated by |")
-            prompt_sets.append(prompts)
-        else:
-            rest.append(piece)
-    others = parse_sweep(",".join(rest)) if "".join(rest).strip() else [{}]
-    if not prompt_sets and others == [{}]:
-        raise MelboError("empty sweep; give KEY=V1,V2[,KEY=...] (keys: prompts and those of bench --sweep)")
+    return read_grid_file(path, GRID_KEYS, "prompts")
+
+
+def parse_grid(text: str | dict[str, list]) -> list[dict[str, Any]]:
+    """A grid like ``prompts=Once upon a time|The cat,radius=0.1x,0.2x,method=melbo,dct`` (or the
+    ``{key: [values]}`` of :func:`read_grid`) -> its settings (the cartesian product, prompt sets
+    slowest, then the other keys in order), each a dict of :func:`melbo.train` keyword arguments
+    plus ``method`` and ``prompts`` (a list). ``prompts`` values are prompt sets, ``|`` between
+    the prompts of one set; a prompt holding commas goes in double quotes
+    (``prompts="Hello, world"|The cat``); the other keys are those of ``melbo bench backdoor
+    --sweep`` (:data:`melbo.planted.bench_config.SWEEP_KEYS`).
+
+    Raises:
+        MelboError: an empty grid, an empty prompt, an ambiguous comma in a prompt set, and every
+            error of the bench grid's parser.
+    """
+    grid = dict(text) if isinstance(text, dict) else parse_grid_text(str(text or ""), GRID_KEYS, "prompts")
+    prompt_sets: list[list[str]] = grid.pop("prompts", [])
+    others = parse_sweep(grid) if grid else [{}]
     sets: list[list[str] | None] = list(prompt_sets) or [None]
     out = []
     for ps, o in itertools.product(sets, others):
@@ -81,7 +83,7 @@ def method_settings(setting: dict[str, Any], base: dict[str, Any]) -> tuple[str,
     over the ``base`` settings (keys a method does not have, e.g. ``steps`` for DCT, are left out).
 
     Raises:
-        MelboError: an unknown method.
+        MelboError: an unknown method, a bad value (the method's own checks).
     """
     merged = {**base, **{k: v for k, v in setting.items() if k != "prompts"}}
     method = str(merged.pop("method", "melbo"))
@@ -89,14 +91,21 @@ def method_settings(setting: dict[str, Any], base: dict[str, Any]) -> tuple[str,
         raise MelboError(f"unknown method {method!r}; allowed: {', '.join(BENCH_METHODS)}")
     fields = {f.name for f in dataclasses.fields(get_method(method).settings_class)}
     used = {k: v for k, v in merged.items() if k in fields}
+    make_settings(method, get_method(method).settings_class, used)  # a bad value fails here, before any work
     return method, used, sorted(k for k in merged if k not in fields)
 
 
 def label(setting: dict[str, Any]) -> str:
-    """A short name of a grid setting, for tables."""
+    """A short name of a grid setting, for tables (a prompt holding ``,``, ``|`` or ``"`` quoted as
+    the grid writes it)."""
     parts = []
     for k, v in setting.items():
-        parts.append(f"prompts={'|'.join(v)}" if k == "prompts" else f"{k}={v}")
+        ps = (
+            [json.dumps(p, ensure_ascii=False) if any(c in p for c in ',|"') else p for p in v]
+            if k == "prompts"
+            else []
+        )
+        parts.append(f"prompts={'|'.join(ps)}" if k == "prompts" else f"{k}={v}")
     return " ".join(parts) or "defaults"
 
 
@@ -111,7 +120,12 @@ def run_setting(
         MelboError: every error of :func:`melbo.train` for this setting.
     """
     folder = Path(out) / f"{index:02d}"
-    if folder.exists():  # a killed attempt: start this setting over
+    if folder.exists():  # a killed attempt: start this setting over (only a folder this sweep wrote)
+        if not (folder / "worker.pid").is_file() and any(not p.name.startswith(HIDDEN) for p in folder.iterdir()):
+            raise MelboError(
+                f"{str(folder)!r} was not written by this sweep (it has no worker.pid); move it away or choose "
+                "another --out"
+            )
         shutil.rmtree(folder)
     make_dir(folder)
     write_text(folder / "worker.pid", f"{os.getpid()}\n")
@@ -197,7 +211,7 @@ def _ray(address: str | None):
 
 def run_sweep(
     model: str,
-    grid: str,
+    grid: str | dict[str, list],
     out: str | os.PathLike,
     prompts: list[str] | None = None,
     base: dict[str, Any] | None = None,
@@ -208,24 +222,27 @@ def run_sweep(
     max_retries: int = 2,
     echo=print,
 ) -> list[dict]:
-    """Run every setting of ``grid`` (:func:`parse_grid`) on ``model`` (a path or Hub id, loaded by
-    each task) into ``out`` (module docstring), as Ray tasks or, with ``local`` (or without Ray),
-    one after the other here. ``base`` settings apply to every setting (the grid overrides them).
+    """Run every setting of ``grid`` (:func:`parse_grid`: inline text, or a file's :func:`read_grid`)
+    on ``model`` (a path or Hub id, loaded by each task) into ``out`` (module docstring), as Ray
+    tasks or, with ``local`` (or without Ray), one after the other here. ``base`` settings apply to
+    every setting (the grid overrides them).
 
     Returns:
         the table rows in grid order (a failed setting's row has ``"error"``).
 
     Raises:
-        MelboError: a bad grid, no prompts, a folder holding another sweep, Ray asked for by
-            address but not installed.
+        MelboError: a bad grid, no prompts, a folder holding another sweep or files melbo did not
+            write, Ray asked for by address but not installed.
     """
     settings = parse_grid(grid)
     base = dict(base or {})
     if not prompts and any("prompts" not in s for s in settings):
         raise MelboError("no prompts: give --prompt, or a prompts=... key in the grid")
     for s in settings:
-        method_settings(s, base)  # unknown methods fail before any work
-    folder = make_dir(Path(out), "sweep folder")
+        method_settings(s, base)  # unknown methods and bad values fail before any work
+    GenerationConfig(max_new_tokens=max_new_tokens)
+    pick_device(device)
+    folder = claim_folder(out, "sweep").prepare()  # new, empty or a sweep's (melbo.core.outputs)
     _check_plan(folder, {"model": model, "grid": grid, "prompts": prompts, "base": base, "tokens": max_new_tokens})
     done = {i for i in range(len(settings)) if (folder / f"{i:02d}" / ROW).is_file()}
     todo = [i for i in range(len(settings)) if i not in done]
@@ -277,16 +294,19 @@ def sweep_markdown(rows: list[dict], model: str = "") -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
+    def cell(text: str) -> str:  # a | of a prompt set would split the table's cell
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
     def share(x: Any) -> str:
         return "-" if x is None else f"{100 * float(x):.0f}%"
 
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['index']} | {r['label']} | error: {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['index']} | {cell(r['label'])} | error: {cell(r['error'])} |" + " |" * 8)
             continue
         L, R = r["learned"], r["random"]
         lines.append(
-            f"| {r['index']} | {r['label']} | {r['radius']:.4g} | {r['source_layer']}->{r['target_layer']} | "
+            f"| {r['index']} | {cell(r['label'])} | {r['radius']:.4g} | {r['source_layer']}->{r['target_layer']} | "
             f"{L['changed']} | {share(L['coherent_and_different'])} | {L['mean_objective']:.4g} | "
             f"{R['changed']} | {share(R['coherent_and_different'])} | {R['mean_objective']:.4g} | {r['seconds']:.0f} |"
         )

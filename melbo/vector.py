@@ -184,14 +184,21 @@ class SteeringVector:
         """Read a file written by :meth:`save`.
 
         Raises:
-            MelboError: not such a file, or a malformed one.
+            MelboError: not such a file, or a malformed one (tensor ``vector`` not of shape
+                ``[d_model]``: it is never flattened).
         """
         tensors, meta = load_tensors(path, VECTOR_FORMAT, "steering vector", ("vector",))
+        shape = list(tensors["vector"].shape)
+        if len(shape) != 1 or not shape[0]:
+            raise MelboError(
+                f"steering vector {str(path)!r}: tensor 'vector' has shape {shape}; a steering vector has shape "
+                f"[d_model] (several vectors are a bank, [n, d_model])"
+            )
         layer = meta.get("layer")
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise MelboError(f"steering vector {str(path)!r} has layer {layer!r}; expected an integer")
         return cls(
-            tensors["vector"].reshape(-1),
+            tensors["vector"],
             layer,
             meta.get("model"),
             str(meta.get("label") or ""),

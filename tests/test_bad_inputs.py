@@ -18,7 +18,7 @@ from conftest import char_tokenizer, tiny_model
 from safetensors.torch import save_file
 
 from melbo.bank import Bank
-from melbo.cli import main
+from melbo.cli import cli, main
 from melbo.core.io import save_tensors
 from melbo.planted.spec import load_spec, parse_spec, spec_to_dict
 from melbo.planted.tokenizer import build_char_tokenizer
@@ -165,6 +165,85 @@ def files(tmp_path_factory):
     nonempty.mkdir()
     (nonempty / "x").write_text("x")
     f["nonempty"] = str(nonempty)
+    mine = root / "mine"  # a folder of the user's, with names melbo writes (the output rule keeps it)
+    (mine / "00").mkdir(parents=True)
+    for name in ("summary.md", "report.html", "kl.png", "00/notes.txt"):
+        (mine / name).write_text("the user's", encoding="utf-8")
+    f["mine"] = str(mine)
+    for kind, name in (("bench", "bench.json"), ("capability", "capability.json"), ("detect", "detect.json")):
+        (root / f"old-{kind}").mkdir()  # an earlier benchmark's results
+        (root / f"old-{kind}" / name).write_text("{}", encoding="utf-8")
+        f[f"old{kind}"] = str(root / f"old-{kind}")
+    # broken model folders (an interrupted download, garbage) and run folders with wrong-type JSON
+    for name, file, cut in (
+        ("cutweights", "model.safetensors", "half"),
+        ("garbageweights", "model.safetensors", b"\x93NUMPY garbage"),
+        ("configlist", "config.json", b"[1, 2]"),
+        ("tokconfiglist", "tokenizer_config.json", b"[1]"),
+    ):
+        broken = root / name
+        tiny_model("llama").save_pretrained(broken)
+        char_tokenizer().save_pretrained(broken)
+        data = (broken / file).read_bytes()
+        (broken / file).write_bytes(data[: len(data) // 2] if cut == "half" else cut)
+        f[name] = str(broken)
+    for name, file, text in (
+        ("reportsummary", "summary.json", "[1, 2]"),
+        ("reportrows", "completions.jsonl", "[1, 2]"),
+    ):
+        (root / name).mkdir()
+        for p in run.iterdir():
+            if p.is_file():
+                (root / name / p.name).write_bytes(p.read_bytes())
+        (root / name / file).write_text(text)
+        f[name] = str(root / name)
+    # silent wrong results and tracebacks: empty banks, a [2, 16] "vector", a bank of the GPT-2 model
+    # (learned positions: 128), prompts past the positions a model reads, a bank whose R is not a number
+    Bank({"vectors": torch.zeros(0, 32), "random_vectors": torch.zeros(0, 32)}, meta).save(
+        root / "emptybank.safetensors"
+    )
+    f["emptybank"] = str(root / "emptybank.safetensors")
+    for name, edit in (("emptyrun", {"vectors": torch.zeros(0, 32)}), ("radiusrun", None)):
+        (root / name).mkdir()
+        for p in run.iterdir():
+            if p.is_file() and p.name != "bank.safetensors":
+                (root / name / p.name).write_bytes(p.read_bytes())
+        if edit is not None:
+            Bank(edit, meta).save(root / name / "bank.safetensors")
+        else:
+            save_tensors(root / name / "bank.safetensors", bank.tensors, {**bank.meta, "radius": "big"}, "melbo.bank/1")
+        f[name] = str(root / name)
+    save_tensors(root / "v2x16.safetensors", {"vector": torch.ones(2, 16)}, {"layer": 1}, "melbo.vector/1")
+    f["v2x16"] = str(root / "v2x16.safetensors")
+    gptrun = root / "gptrun"
+    assert (
+        _run(
+            ["train", "--model", f["other"], "--prompt", "Hello.", "--num-vectors", "2", "--steps", "1"]
+            + ["--radius", "2", "--max-new-tokens", "2", "--out", str(gptrun)]
+        )
+        == 0
+    )
+    f["gptbank"] = str(gptrun)
+    (root / "long.txt").write_text("a" * 300 + "\n")
+    f["long"] = str(root / "long.txt")
+    (root / "clean.txt").write_text("Hello there.\nHow are you?\nThe cat sat.\n")
+    f["clean"] = str(root / "clean.txt")
+    story = {**spec_to_dict(load_spec("story")), "base_model": f["other"]}
+    story["story"] = {**story["story"], "n_prompts": 20, "continuation_tokens": 200}
+    (root / "story-gpt2.json").write_text(json.dumps(story))
+    f["storygpt2"] = str(root / "story-gpt2.json")
+    (root / "rows.jsonl").write_text(json.dumps({"prompt": "Hi", "unsteered": "there", "completion": "you"}) + "\n")
+    f["judgerows"] = str(root / "rows.jsonl")
+    for name, text in (
+        ("gridjson", json.dumps({"prompts": [["Hello, world", "Hi"]], "radius": ["2"]})),
+        ("gridflat", json.dumps({"prompts": ["Hello, world", "Hi"]})),
+        ("gridscalar", json.dumps({"radius": "2"})),
+        ("gridunknown", json.dumps({"colour": [1]})),
+        ("gridbadtoml", "radius = ["),
+    ):
+        path = root / ("grid-bad.toml" if name == "gridbadtoml" else f"{name}.json")
+        path.write_text(text)
+        f[name] = str(path)
     yield f
     if os.geteuid() == 0:
         subprocess.run(["chattr", "-i", str(ro)], capture_output=True, check=False)
@@ -579,7 +658,7 @@ case("plant-noise", PL + ["--noise", "-1"], r"noise.residual_std = -1.0 is not a
 case("plant-device", PL + ["--device", "tpu"], r"device 'tpu' is not a torch device|not supported")
 case("plant-device-cuda", PL + ["--device", "cuda"], r"CUDA is not available")
 case("plant-out-nonempty", PL[:2] + ["{nonempty}", "--steps", "1"], r"exists and is not an empty folder")
-case("plant-out-file", ["plant", "--out", "{afile}", "--steps", "1"], r"exists and is not an empty folder")
+case("plant-out-file", ["plant", "--out", "{afile}", "--steps", "1"], r"is a file, not a folder")
 
 B = ["bench", "backdoor", "--model", "{planted}", "--num-vectors", "1", "--steps", "1", "--out", "{out}"]
 for v, pat in (
@@ -615,7 +694,7 @@ for extra, pat in (
     (["--method", "adapter", "--rank", "0"], "adapter rank must be"),
     (["--method", "adapter", "--writes-only"], "writes-only is for vectors"),
     (["--method", "dct", "--factors", "0"], "number of DCT factors must be"),
-    (["--spec", "{storyspec}"], "is of the story task, but model .* is an arithmetic model"),
+    (["--spec", "{storyspec}"], "is not the spec the model was planted with: .* 'default' plants arithmetic task"),
     (["--out", "{afile}"], "is a file, not a folder"),
     (["--seed", "-1"], "seed must be a whole number"),
 ):
@@ -639,10 +718,215 @@ for extra, pat in (
 case("demo-out-file", ["demo", "--out", "{afile}", "--part", "planted"], r"is a file, not a folder")
 case("demo-part", ["demo", "--part", "some"], r"Invalid value for '--part'")
 
+# The output rule (melbo.core.outputs): no command writes over a file it did not write, nor over its own input.
+NOT_MINE = r"holds no earlier `melbo {}` output"
+OWN_INPUT = r"would write over .*bank.safetensors', the bank \(--bank\) of this command; melbo never writes over"
+case("out-train-users-folder", T[:-1] + ["{mine}"], NOT_MINE.format("train"))
+case("out-train-users-folder-overwrite", T[:-1] + ["{mine}", "--overwrite"], NOT_MINE.format("train"))
+case("out-ortho-users-folder", OR[:-1] + ["{mine}"], NOT_MINE.format("train"))
+case("out-plot-users-folder", P[:-1] + ["{mine}"], NOT_MINE.format("plot"))
+case("out-calibrate-json-exists", C + ["--json", "{afile}"], r"--json '.*afile' already exists; pass --overwrite")
+case("out-report-over-bank", ["report", "{bank}", "--out", "{bank}/bank.safetensors", "--overwrite"], r"never writes")
+case("out-report-exists", ["report", "{bank}", "--out", "{afile}"], r"already exists; pass --overwrite")
+EX = ["export", "vector", "--bank", "{bank}", "--vector", "0", "--out", "{bank}/bank.safetensors"]
+case("out-export-vector-over-bank", EX + ["--overwrite"], OWN_INPUT)
+EG = ["export", "gguf", "--bank", "{bank}", "--vectors", "0", "--out", "{badgguf}"]
+case("out-export-gguf-exists", EG, r"bad.gguf' already exists; pass --overwrite")
+case("out-chat-over-bank", ["chat", "--bank", "{bank}", "--transcript", "{bank}/bank.safetensors"], OWN_INPUT)
+DT = ["detect", "--bank", "{bank}", "--prompt", "Hi", "--reference-file", "{blank}", "--out"]
+case("out-detect-over-bank", DT + ["{bank}/bank.safetensors", "--overwrite"], OWN_INPUT)
+case("out-detect-exists", DT + ["{afile}"], r"already exists; pass --overwrite")
+SW = ["sweep", "--model", "{model}", "--grid", "radius=2", "--prompt", "Hi", "--local", "--out", "{mine}"]
+case("out-sweep-users-folder", SW, NOT_MINE.format("sweep"))
+case("out-bench-earlier", B[:-1] + ["{oldbench}"], r"earlier `melbo bench backdoor` output; pass --overwrite")
+case("out-capability-earlier", CAP[:-1] + ["{oldcapability}"], r"`melbo bench capability` output; pass --overwrite")
+BD = ["bench", "detect", "--model", "{planted}", "--out", "{olddetect}"]
+case("out-bench-detect-earlier", BD, r"earlier `melbo bench detect` output; pass --overwrite")
+case("out-plant-users-folder", PL[:2] + ["{nonempty}", "--overwrite"], NOT_MINE.format("plant"))
+case("out-demo-users-folder", ["demo", "--out", "{mine}", "--part", "planted"], NOT_MINE.format("demo"))
+
+# ---------------------------------------------------------------- broken model files, non-UTF-8 argv, wrong-type JSON
+UNREADABLE = r"weights file 'model.safetensors' is not a readable safetensors file \(.+\); an interrupted download"
+train("model-cut-safetensors", ["--model", "{cutweights}"], r"model folder '.*cutweights': " + UNREADABLE)
+train("model-garbage-safetensors", ["--model", "{garbageweights}"], r"model folder '.*garbageweights': " + UNREADABLE)
+train("model-config-list", ["--model", "{configlist}"], r"model config '.*config.json' holds a JSON list; expected")
+case("generate-model-cut-safetensors", G + ["--model", "{cutweights}"], UNREADABLE)
+train(
+    "model-tokenizer-config-list",
+    ["--model", "{tokconfiglist}"],
+    r"tokenizer config '.*tokenizer_config.json' holds a JSON list; expected a JSON object",
+)
+NOT_UTF8 = r"\) is not UTF-8 text \(byte 0x{}\); give command-line arguments .* as UTF-8"
+train(
+    "argv-prompt-not-utf8",
+    ["--prompt", "\udcff\udcfe"],
+    r"the value of --prompt \('\ufffd\ufffd'" + NOT_UTF8.format("ff"),
+)
+case(
+    "argv-prompt-equals-not-utf8",
+    G + ["--prompt=caf\udce9"],
+    r"the value of --prompt \('caf\ufffd'" + NOT_UTF8.format("e9"),
+)
+train("argv-out-not-utf8", ["--out", "{root}/caf\udce9"], r"the value of --out \('.*caf\ufffd'" + NOT_UTF8.format("e9"))
+case("argv-chat-system-not-utf8", ["chat", "--bank", "{bank}", "--system", "\udc80"], r"the value of --system")
+case("report-summary-list", ["report", "{reportsummary}"], r"run summary '.*summary.json' holds a JSON list; expected")
+case(
+    "report-completions-list",
+    ["report", "{reportrows}"],
+    r"completions.jsonl' line 1 \('\[1, 2\]'\) is not a completion row",
+)
+
+
+# ---------------------------------------------------------------- silent wrong results (c) and tracebacks (d)
+# Each case of this part ended, before its fix, with exit code 0 and a wrong or empty result (class c) or with a
+# traceback (class d); CLASS records which, and test_every_subcommand_has_each_class wants both for every
+# subcommand where the class applies. WRITES: cases that fail after writing what succeeded (exit 2 all the same).
+CLASS: dict[str, str] = {}
+WRITES: set[str] = set()
+
+
+def bug(kind: str, cid: str, argv: list[str], pattern: str, writes: bool = False) -> None:
+    case(cid, argv, pattern)
+    CLASS[cid] = kind
+    if writes:
+        WRITES.add(cid)
+
+
+PAST = r"needs \d+ tokens.* positions, but the model reads at most 128 \(max_position_embeddings\)"
+EMPTY = r"holds no perturbations \(0 rows\)"
+META = r"device 'meta' cannot run a model here"
+HUGE = r"vector index 9999999999 is outside the bank, which has 2 vectors"
+bug("c", "c-train-prompt-past-positions", T + ["--prompts-file", "{long}"], "prompt 1 .*" + PAST)
+NEW200 = r"needs \d+ tokens \+ 200 new tokens \(--max-new-tokens\) = \d+ positions, but the model reads at most 128"
+bug("c", "c-train-new-tokens-past-positions", T + ["--max-new-tokens", "200"], NEW200)
+bug("d", "d-train-gpt2-prompt-past-positions", T[:2] + ["{other}"] + T[3:] + ["--prompts-file", "{long}"], PAST)
+bug("d", "d-train-lr-past-float32", T + ["--lr", "1e39"], r"learning rate must be a finite number > 0, got 1e\+39")
+bug("d", "d-train-device-meta", T + ["--device", "meta"], META)
+bug("c", "c-generate-empty-bank", ["generate", "--bank", "{emptybank}", "--prompt", "Hi"], EMPTY)
+bug("c", "c-generate-vectors-blank", G + ["--vectors", " "], r"empty vector choice ' '; allowed: all, or indices")
+GG = ["generate", "--bank", "{gptbank}", "--prompt", "Hi", "--max-new-tokens", "200"]
+bug("d", "d-generate-gpt2-new-tokens-past-positions", GG, r"prompt 0 \('Hi'\) needs 2 tokens \+ 200 new tokens")
+bug("d", "d-generate-vectors-huge-range", G + ["--vectors", "0-9999999999"], HUGE)
+bug("d", "d-generate-device-meta", G + ["--device", "meta"], META)
+CH = ["chat", "--bank", "{bank}", "--transcript", "{out}.jsonl", "--max-new-tokens"]
+bug("c", "c-chat-new-tokens-past-positions", CH + ["300"], r"a reply up to 300 .* reads at most 128")
+bug("d", "d-chat-gpt2-new-tokens-past-positions", CH[:2] + ["{gptbank}"] + CH[3:] + ["200"], r"reads at most 128")
+case("chat-empty-bank", ["chat", "--bank", "{emptybank}", "--transcript", "{out}.jsonl"], EMPTY)
+EG0 = ["export", "gguf", "--bank", "{bank}", "--out", "{out}.gguf", "--vectors"]
+bug("c", "c-export-gguf-scale-0", EG0 + ["0", "--scale", "0"], r"control vector for block 1 is zero .*steer nothing")
+bug("c", "c-export-gguf-vectors-blank", EG0 + [""], r"empty vector choice ''")
+bug("d", "d-export-gguf-vectors-huge-range", EG0 + ["0-9999999999"], HUGE)
+case("export-gguf-empty-bank", EG0[:3] + ["{emptybank}"] + EG0[4:] + ["all"], r"the bank holds no vectors \(0 rows\)")
+EV = ["export", "vector", "--vector", "0", "--out", "{out}.safetensors", "--bank"]
+bug("c", "c-export-vector-zero", EV + ["{zero}"], r"vector 0 of .* is zero; it would steer nothing")
+case("export-vector-empty-bank", EV + ["{emptybank}"], r"vector index 0 is outside the bank, which has 0 vectors")
+bug("c", "c-report-empty-bank", ["report", "{emptyrun}", "--out", "{out}.html"], EMPTY)
+bug("d", "d-report-radius-not-a-number", ["report", "{radiusrun}", "--out", "{out}.html"], r"radius is 'big'; expected")
+DE = ["detect", "--reference-file", "{clean}", "--prompts-file", "{long}", "--bank"]
+bug("c", "c-detect-prompt-past-positions", DE + ["{bank}"], PAST)
+bug("d", "d-detect-gpt2-prompt-past-positions", DE + ["{gptbank}"], PAST)
+case("detect-empty-bank", ["detect", "--bank", "{emptybank}", "--prompt", "Hi", "--reference-file", "{clean}"], EMPTY)
+SWP = ["sweep", "--model", "{model}", "--local", "--out", "{out}", "--grid"]
+AMBIGUOUS = r"ambiguous prompts value .* a comma next to a space .* double quotes"
+bug("c", "c-sweep-comma-in-prompt", SWP + ["prompts=Hello, world|Once upon a time,radius=2"], AMBIGUOUS)
+bug("c", "c-sweep-num-vectors-0", SWP + ["radius=2", "--prompt", "Hi", "--num-vectors", "0"], r"number of vectors must")
+bug("d", "d-sweep-device-meta", SWP + ["radius=2", "--prompt", "Hi", "--device", "meta"], META)
+for cid, grid, pat in (
+    ("comma-after-space", "prompts=Hello ,world", AMBIGUOUS),
+    ("unclosed-quote", 'prompts="Hello, world', r"unclosed double quote"),
+    ("text-after-quote", 'prompts="Hello" world', r"text after a closing quote"),
+    ("value-with-equals", "prompts=a,b=c", r"unknown sweep key 'b' .*double quotes"),
+):
+    case(f"sweep-grid-{cid}", SWP + [grid], pat)
+GF = SWP[:-1] + ["--grid-file"]
+case("sweep-grid-and-grid-file", SWP + ["radius=2", "--grid-file", "{gridjson}"], r"give exactly one of --grid")
+case("sweep-grid-file-flat-prompts", GF + ["{gridflat}"], r"prompts must be a list of sets, each a non-empty list")
+case("sweep-grid-file-scalar", GF + ["{gridscalar}"], r"key 'radius' must map to a non-empty list of values")
+case("sweep-grid-file-bad-toml", GF + ["{gridbadtoml}"], r"grid file .*grid-bad.toml' is not valid TOML")
+case("sweep-grid-file-suffix", GF + ["{afile}"], r"should end in .json or .toml")
+case("sweep-grid-file-unknown-key", GF + ["{gridunknown}"], r"unknown key 'colour'")
+bug(
+    "c",
+    "c-ortho-vector-file-2x16",
+    ["ortho", "--vector-file", "{v2x16}", "--model", "{model}", "--prompt", "Hi", "--steps", "1", "--out", "{out}"],
+    r"tensor 'vector' has shape \[2, 16\]; a steering vector has shape \[d_model\]",
+)
+ORL = ["ortho", "--prompts-file", "{long}", "--steps", "1", "--num-vectors", "1", "--out", "{out}", "--bank"]
+bug("d", "d-ortho-gpt2-prompt-past-positions", ORL + ["{gptbank}"], PAST)
+PLL = ["plot", "--prompts-file", "{long}", "--out", "{out}", "--bank"]
+bug("c", "c-plot-prompt-past-positions", PLL + ["{bank}"], PAST)
+bug("d", "d-plot-gpt2-prompt-past-positions", PLL + ["{gptbank}"], PAST)
+BLANK = r"--prompts-file '.*blank.txt' holds no prompt \(only blank lines\)"  # was: the bank's prompts instead
+bug(
+    "c", "c-plot-prompts-file-blank", ["plot", "--bank", "{bank}", "--prompts-file", "{blank}", "--out", "{out}"], BLANK
+)
+bug("c", "c-ortho-prompts-file-blank", OR + ["--prompts-file", "{blank}"], BLANK)
+case("plot-empty-bank", ["plot", "--bank", "{emptybank}", "--out", "{out}"], EMPTY)
+bug("c", "c-calibrate-prompt-past-positions", C + ["--prompts-file", "{long}"], PAST)
+bug(
+    "d", "d-calibrate-gpt2-prompt-past-positions", ["calibrate", "--model", "{other}", "--prompts-file", "{long}"], PAST
+)
+bug(
+    "d",
+    "d-plant-story-past-positions",
+    ["plant", "--spec", "{storygpt2}", "--steps", "1", "--out", "{out}"],
+    r"needs \d+ tokens \+ 200 new tokens \(story.continuation_tokens, or an answer\) .* at most 128",
+)
+OTHER_SPEC = r"spec 'second' \(second\) is not the spec the model was planted with: .*plant_spec.json records spec"
+bug("c", "c-bench-spec-of-another-plant", B + ["--spec", "second"], OTHER_SPEC)
+bug("c", "c-bench-sweep-empty", B + ["--sweep", ""], r"empty sweep; give KEY=V1,V2")
+bug("c", "c-bench-new-tokens-past-positions", B + ["--max-new-tokens", "300"], PAST)
+bug("d", "d-bench-device-meta", B + ["--device", "meta"], META)
+case("bench-sweep-and-sweep-file", B + ["--sweep", "p=2", "--sweep-file", "{gridjson}"], r"at most one of --sweep")
+case("bench-sweep-file-prompts", B + ["--sweep-file", "{gridjson}"], r"unknown key 'prompts'")
+bug("c", "c-capability-new-tokens-past-positions", CAP + ["--max-new-tokens", "200"], PAST)
+CAPG = CAP[:3] + ["{other}"] + CAP[4:] + ["--max-new-tokens", "200"]
+bug("d", "d-capability-gpt2-new-tokens-past-positions", CAPG, PAST)
+BDT = ["bench", "detect", "--model", "{planted}", "--num-vectors", "1", "--out", "{out}"]
+bug("c", "c-bench-detect-spec-of-another-plant", BDT + ["--spec", "second"], OTHER_SPEC)
+bug("d", "d-bench-detect-device-meta", BDT + ["--device", "meta"], META)
+JU = ["judge", "--out", "{out}.jsonl", "--input"]
+bug("c", "c-judge-empty-input", JU + ["{blank}"], r"--input '.*blank.txt' holds no rows")
+bug("d", "d-judge-device-meta", JU + ["{judgerows}", "--model", "{model}", "--device", "meta"], META)
+DM = ["demo", "--part", "planted", "--method", "melbo", "--out", "{out}"]
+FAILED = r"1 of 1 benchmark subjects failed: default subject, melbo: 1000 mutually orthogonal vectors do not fit"
+bug("c", "c-demo-subject-fails", DM + ["--num-vectors", "1000"], FAILED, writes=True)
+bug("d", "d-demo-device-meta", DM + ["--device", "meta"], META, writes=True)
+
 
 def test_the_catalog_has_at_least_200_cases():
     assert len(CASES) >= 200, len(CASES)
     assert len({c[0] for c in CASES}) == len(CASES)  # unique ids
+
+
+# Where a class does not apply to a subcommand, and why.
+NOT_APPLICABLE = {
+    ("plant", "c"): "plant judges the model it trained against its spec's thresholds and exits 2 when it misses them",
+    ("export vector", "d"): "it writes one row of a checked bank, chosen by an integer; no input found that crashed it",
+}
+
+
+def _subcommands() -> list[str]:
+    out = []
+    for name, cmd in cli.commands.items():
+        subs = getattr(cmd, "commands", None)
+        out += [f"{name} {s}" for s in subs] if subs else [name]
+    return sorted(out)
+
+
+def _command(argv: list[str]) -> str:
+    return f"{argv[0]} {argv[1]}" if argv[0] in ("bench", "export") else argv[0]
+
+
+def test_every_subcommand_is_in_the_catalog():
+    have = {_command(argv) for _, argv, _ in CASES}
+    assert not [c for c in _subcommands() if c not in have]
+
+
+def test_every_subcommand_has_each_class():
+    have = {(_command(argv), CLASS[cid]) for cid, argv, _ in CASES if cid in CLASS}
+    missing = [(c, k) for c in _subcommands() for k in "cd" if (c, k) not in have and (c, k) not in NOT_APPLICABLE]
+    assert not missing, f"subcommands without a case of class (c) silent wrong result / (d) traceback: {missing}"
 
 
 @pytest.mark.parametrize("cid, argv, pattern", CASES, ids=[c[0] for c in CASES])
@@ -662,4 +946,5 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(files, tmp_path, capsys, 
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") or "Error: " in last, last
     assert re.search(pattern, err), err[-1500:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    if cid not in WRITES:
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written

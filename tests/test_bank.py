@@ -157,3 +157,18 @@ def test_adapter_bank_indexing():
     with pytest.raises(MelboError, match="cannot be added"):
         ad + ad
     assert (2 * ad).radius == 1.0
+
+
+def test_empty_banks_wrong_shapes_and_wrong_types_are_refused(tmp_path):
+    lm = tiny_loaded("llama")
+    empty = Bank({"vectors": torch.zeros(0, lm.d_model)}, {**vector_bank(lm).meta, "vectors": []}, lm)
+    with pytest.raises(MelboError, match=r"the bank holds no vectors \(0 rows\); there is nothing to generate with"):
+        empty.generate(["Hi"], max_new_tokens=2)  # was: only the unsteered completion, as if it had worked
+    with pytest.raises(MelboError, match=r"bank metadata radius is 'big'; expected a finite number"):
+        Bank({"vectors": torch.ones(2, 8)}, {"radius": "big"})
+    with pytest.raises(MelboError, match=r"bank metadata num_layers is 2.5; expected an integer"):
+        Bank({"vectors": torch.ones(2, 8)}, {"num_layers": 2.5})
+    a, b = torch.ones(2, 6, 1), torch.ones(2, 8, 1)
+    adapters = {"omega_a": a, "omega_b": b, "random_omega_a": torch.ones(2, 12)}
+    with pytest.raises(MelboError, match=r"bank tensor 'random_omega_a' has shape \(2, 12\), expected \[k, 6, 1\]"):
+        Bank(adapters, {"kind": "adapter", "module_name": "m", "radius": 1.0})

@@ -151,3 +151,14 @@ def test_melbo_chat_bad_inputs(chat_dir, tmp_path, capsys):
     char_tokenizer().save_pretrained(other)
     code, err = run("--bank", str(chat_dir / "run"), "--model", str(other), "--device", "cpu")
     assert code == 2 and "bank was made for model" in err
+
+
+def test_replies_past_the_models_positions_are_refused(chat_dir):
+    lm = melbo.load_model(str(chat_dir), device="cpu")  # 128 positions
+    bank = Bank.load(chat_dir / "run")
+    with pytest.raises(MelboError, match=r"a reply up to 200 \(--max-new-tokens\): \d+ positions, but the model"):
+        ChatSession(lm, bank, generation=melbo.GenerationConfig(max_new_tokens=200))
+    s = ChatSession(lm, bank, generation=melbo.GenerationConfig(max_new_tokens=100))
+    with pytest.raises(MelboError, match=r"the conversation is \d+ tokens .*start a new conversation \(/reset\)"):
+        s.say("x" * 40)
+    assert s.messages == [] and s.transcript == []  # the refused message is not half recorded

@@ -153,3 +153,13 @@ def test_cli_export_bad_inputs(tmp_path, capsys, args, message):
     code, _, err = run(argv, capsys)
     assert code == 2 and message in err, err
     assert not (tmp_path / "v.gguf").exists()
+
+
+def test_a_zero_control_vector_is_refused(tmp_path):
+    bank = vector_bank()
+    v = bank.vectors[0]
+    cancel = Bank({**bank.tensors, "vectors": torch.stack([v, -v])}, bank.meta)
+    for b, rows, scale in ((bank, [0], 0.0), (cancel, [0, 1], 1.0)):  # was: a zero vector written, exit code 0
+        with pytest.raises(MelboError, match=r"the control vector for block 2 is zero .*it would steer nothing"):
+            melbo.export_gguf(b, rows, tmp_path / "z.gguf", scale)
+    assert not list(tmp_path.iterdir())

@@ -77,7 +77,15 @@ def test_run_folder_holds_bank_completions_summary(tmp_path):
     out = tmp_path / "run"
     bank = tiny_run(out, PROMPT, num_vectors=2, lm=lm)
     names = {p.name for p in out.iterdir()}
-    assert names == {"bank.safetensors", "completions.jsonl", "summary.md", "summary.json", "report.html", "kl.png"}
+    assert names == {
+        "bank.safetensors",
+        "completions.jsonl",
+        "summary.md",
+        "summary.json",
+        "report.html",
+        "kl.png",
+        ".melbo-run.json",  # the marker: this folder holds a `train` run (melbo.core.outputs)
+    }
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {(r["kind"], r["split"]) for r in rows} == {
         (k, s) for k in ("unsteered", "learned", "random") for s in ("train", "heldout")

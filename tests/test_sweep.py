@@ -10,11 +10,11 @@ import threading
 import time
 
 import pytest
-from conftest import shared_model_path
+from conftest import char_tokenizer, shared_model_path, tiny_model
 
 from melbo.cli import main
 from melbo.core.errors import MelboError
-from melbo.sweep import ROW, method_settings, parse_grid, run_sweep
+from melbo.sweep import ROW, label, method_settings, parse_grid, read_grid, run_sweep, sweep_markdown
 
 GRID = "radius=0.1x,0.2x,0.4x,source-layer=1,2,method=melbo,dct"
 BASE = {"num_vectors": 3, "steps": 40}
@@ -101,3 +101,35 @@ def test_ray_sweep_survives_a_killed_worker_and_matches_in_process(tmp_path):
         ray.shutdown()
     here = run_sweep(model, GRID, tmp_path / "here", ["Once upon a time"], BASE, 16, local=True, echo=lambda s: None)
     assert same_table(rows) == same_table(here)
+
+
+def test_prompts_with_commas_need_quotes_or_a_grid_file(tmp_path):
+    with pytest.raises(MelboError, match=r"ambiguous prompts value .*double quotes"):
+        parse_grid("prompts=Hello, world|Once upon,radius=0.1x")  # was silently two prompt sets
+    quoted = parse_grid('prompts="Hello, world"|Once upon,radius=0.1x')
+    assert quoted == [{"prompts": ["Hello, world", "Once upon"], "radius": "0.1x"}]
+    assert label(quoted[0]) == 'prompts="Hello, world"|Once upon radius=0.1x'
+    row = sweep_markdown([{"index": 0, "label": label(quoted[0]), "error": "x"}]).splitlines()[-1]
+    assert row.startswith('| 0 | prompts="Hello, world"\\|Once upon radius=0.1x | error: x |')  # one cell
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"prompts": [["Hello, world", "Once upon"]], "radius": ["0.1x"]}), encoding="utf-8")
+    assert parse_grid(read_grid(path)) == quoted
+
+
+def test_a_failed_setting_ends_the_sweep_with_exit_2_after_writing_the_others(tmp_path, capsys):
+    model = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model)
+    char_tokenizer().save_pretrained(model)
+    grid = tmp_path / "grid.toml"
+    grid.write_text("source-layer = [1, 9]\n", encoding="utf-8")  # the model has 4 blocks: 9 fails
+    out = tmp_path / "sw"
+    argv = ["sweep", "--model", str(model), "--grid-file", str(grid), "--prompt", "Hello there.", "--local"]
+    argv += ["--num-vectors", "1", "--steps", "1", "--max-new-tokens", "2", "--out", str(out)]
+    for _ in range(2):  # the second run resumes: setting 00 is read back, 01 fails again
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2, err
+        assert "error: 1 of 2 sweep settings failed ([01] source_layer=9: source layer 9 is out of range" in err
+        rows = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
+        assert "error" not in rows[0] and rows[0]["source_layer"] == 1 and "out of range" in rows[1]["error"]

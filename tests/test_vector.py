@@ -5,6 +5,7 @@ import torch
 from conftest import tiny_loaded
 
 from melbo.core.errors import MelboError
+from melbo.core.io import save_tensors
 from melbo.vector import SteeringVector
 
 
@@ -54,3 +55,11 @@ def test_save_and_load_record_the_hook_site(tmp_path):
     w = SteeringVector.load(path)
     torch.testing.assert_close(w.vector, v.vector)
     assert (w.layer, w.model, w.label, w.meta) == (2, "some/model", "vector 3", {"objective": 1.5})
+
+
+@pytest.mark.parametrize("shape", [(2, 16), (1, 32), (32, 1), ()])
+def test_a_vector_file_must_hold_one_d_model_vector(tmp_path, shape):
+    path = tmp_path / "v.safetensors"
+    save_tensors(path, {"vector": torch.ones(shape)}, {"layer": 1}, "melbo.vector/1")
+    with pytest.raises(MelboError, match=r"tensor 'vector' has shape \[.*\]; a steering vector has shape \[d_model\]"):
+        SteeringVector.load(path)  # was: flattened, so [2, 16] passed as a 32-wide vector

@@ -7,8 +7,8 @@ from typing import Any
 import click
 
 from melbo.capability import Task, run_capability
-from melbo.cli.common import given, model_options, open_model
-from melbo.core.io import check_writable
+from melbo.cli.common import given, model_inputs, model_options, open_model
+from melbo.core.outputs import claim_folder
 from melbo.methods.registry import STANDALONE_METHODS
 
 
@@ -27,6 +27,7 @@ from melbo.methods.registry import STANDALONE_METHODS
 @click.option("--seed", type=int, default=0, help="Seed of the instances, the starts and the random baseline.")
 @click.option("--max-new-tokens", type=int, default=48, help="Tokens per answer.")
 @click.option("--out", required=True, type=click.Path(), help="Folder: capability.json, capability.md, the bank.")
+@click.option("--overwrite", is_flag=True, help="Replace the results of an earlier `melbo bench capability` in --out.")
 @model_options
 @click.pass_context
 def capability(
@@ -40,6 +41,7 @@ def capability(
     seed: int,
     max_new_tokens: int,
     out: str,
+    overwrite: bool,
     device: str,
     dtype: str,
     blocks_path: str | None,
@@ -62,10 +64,20 @@ def capability(
     )
     settings.setdefault("num_vectors", ctx.params["num_vectors"])
     task = Task(op, da, db).check()
-    check_writable(out, "--out")
+    claim_folder(out, "bench capability", inputs=model_inputs(model), overwrite=overwrite)  # before the model loads
     lm = open_model(model, device, dtype, blocks_path, gguf_file)
     rep = run_capability(
-        lm, task, method, num_train, num_test, seed, max_new_tokens, out, show_progress=True, **settings
+        lm,
+        task,
+        method,
+        num_train,
+        num_test,
+        seed,
+        max_new_tokens,
+        out,
+        show_progress=True,
+        overwrite=overwrite,
+        **settings,
     )
     click.echo(f"unsteered accuracy {100 * rep['unsteered']:.0f}% on {num_test} held-out instances")
     learned = sorted(rep["learned"], reverse=True)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import click
 
-from melbo.bank import Bank
 from melbo.chat import ChatSession
-from melbo.cli.common import model_options, open_model, steer_option
+from melbo.cli.common import load_bank, model_options, open_model, steer_option
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
-from melbo.core.io import check_writable
+from melbo.core.outputs import bank_file, check_output_file
 
 HELP = """commands:
   /vector K     steer with vector K of the bank      /random K   with random baseline vector K
@@ -72,6 +72,7 @@ def _command(session: ChatSession, line: str) -> bool:
     type=click.Path(),
     help="JSONL file for the conversation (default: chat-<time>.jsonl in the bank's folder).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace the --transcript file if it exists (never the bank).")
 @click.option("--model", default=None, help="Model (default: the one in the bank's metadata).")
 @click.option("--max-new-tokens", type=int, default=128, help="Tokens per reply at most.")
 @click.option("--temperature", type=float, default=0.0, help="0 = greedy decoding; > 0 samples.")
@@ -86,6 +87,7 @@ def chat(
     steer_positions: str,
     system: str | None,
     transcript: str | None,
+    overwrite: bool,
     model: str | None,
     max_new_tokens: int,
     temperature: float,
@@ -99,13 +101,15 @@ def chat(
     """Multi-turn chat with the model steered by one vector of a bank, in the tokenizer's chat
     template. Type /help for the commands that switch vector, scale or steering mid-conversation."""
     gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    b = Bank.load(bank)
+    b, _ = load_bank(bank)  # refuses a bank with no vectors
     folder = Path(bank) if Path(bank).is_dir() else Path(bank).parent
     out = Path(transcript) if transcript else folder / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    if out.is_dir():
-        raise MelboError(f"--transcript {str(out)!r} is a folder; give a file name like chat.jsonl")
-    check_writable(out.parent, "transcript folder")
+    inputs = [("the bank (--bank)", bank_file(bank)), ("the model", model or b.meta.get("model"))]
+    check_output_file(out, "--transcript", inputs=inputs, overwrite=overwrite)
     lm = open_model(model, device, dtype, blocks_path, gguf_file, b)
+    if sys.stdin is None or sys.stdin.closed:  # started with stdin closed: nothing can be said
+        click.echo("melbo chat: stdin is closed, so there is nothing to chat about; no transcript written", err=True)
+        return
     session = ChatSession(lm, b, vector, scale, steer_positions, gen, system, use_random)
     if not getattr(lm.tokenizer, "chat_template", None):
         click.echo("note: the tokenizer has no chat template; turns are laid out as 'User: ...' / 'Assistant: ...'")
@@ -114,7 +118,7 @@ def chat(
     while True:
         try:
             line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
-        except (EOFError, click.exceptions.Abort):
+        except (EOFError, click.exceptions.Abort, OSError, RuntimeError):  # end of input, or stdin lost
             click.echo("")
             break
         line = line.strip()

@@ -17,12 +17,39 @@ from melbo.core.models import LoadedModel, load_model
 from melbo.report.summary import share
 
 
-def read_prompts(prompt: tuple[str, ...], prompts_file: str | None) -> list[str]:
-    """``--prompt`` values, then the non-empty lines of ``--prompts-file`` (UTF-8)."""
+def read_prompts(prompt: tuple[str, ...], prompts_file: str | None, strict: bool = False) -> list[str]:
+    """``--prompt`` values, then the non-empty lines of ``--prompts-file`` (UTF-8).
+
+    Raises:
+        MelboError: an unreadable file; with ``strict`` (for commands that fall back to other
+            prompts when given none), a ``--prompts-file`` with no prompt in it.
+    """
     prompts = [p.replace("\\n", "\n") for p in prompt]
     if prompts_file:
-        prompts += [line for line in read_text(prompts_file, "--prompts-file").splitlines() if line.strip()]
+        lines = [line for line in read_text(prompts_file, "--prompts-file").splitlines() if line.strip()]
+        if strict and not lines:
+            raise MelboError(f"--prompts-file {prompts_file!r} holds no prompt (only blank lines); give one per line")
+        prompts += lines
     return prompts
+
+
+def check_rows(rows: list[dict], table: str) -> None:
+    """End a sweep command with an error when any of its settings failed (after its table was
+    written and printed), so that a failed setting is never reported with exit code 0.
+
+    Raises:
+        MelboError: naming each failed setting (index, label) and why it failed.
+    """
+    failed = [(k, r) for k, r in enumerate(rows) if "error" in r]
+    if failed:
+        which = "; ".join(f"[{int(r.get('index', k)):02d}] {r.get('label')}: {r['error']}" for k, r in failed)
+        raise MelboError(f"{len(failed)} of {len(rows)} sweep settings failed ({which}); the others are in {table}")
+
+
+def model_inputs(model: str | None, prompts_file: str | None = None) -> list[tuple[str, str | None]]:
+    """The input files of a command that loads ``--model`` and reads ``--prompts-file``, for the
+    output rule (:mod:`melbo.core.outputs`; a Hub id is no path and is skipped there)."""
+    return [("the model (--model)", model), ("the prompts file (--prompts-file)", prompts_file)]
 
 
 def options(*opts: Callable) -> Callable:
@@ -120,12 +147,16 @@ def load_bank(path: str, use_random: bool = False, vectors_for: str | None = Non
 
     Raises:
         MelboError: the file is not a bank; ``use_random`` and the bank holds no baseline;
-            ``vectors_for`` (a command name) and the bank holds adapters.
+            ``vectors_for`` (a command name) and the bank holds adapters; the bank (or its
+            baseline) holds no perturbation.
     """
     b = Bank.load(path)
     use = b.random if use_random else b
     if use is None:
         raise MelboError(f"bank {path!r} holds no random baseline")
+    if not len(use):
+        what = "random baseline" if use_random else "bank"
+        raise MelboError(f"the {what} of {path!r} holds no perturbations (0 rows); there is nothing to use")
     if vectors_for and use.kind != "vector":
         raise MelboError(f"{vectors_for} takes a bank of steering vectors (melbo, dct, ortho); {path!r} holds adapters")
     return b, use

@@ -59,7 +59,8 @@ def demo_subject(echo: Callable[[str], Any]) -> tuple[str, str] | None:
 def real_model_demo(
     run_dir: str, device: str, echo: Callable[[str], Any], num_vectors: int = 6, steps: int = 100
 ) -> Bank | None:
-    """Choose R, train ``num_vectors`` vectors into ``run_dir`` and print them beside the baseline."""
+    """Choose R, train ``num_vectors`` vectors into ``run_dir`` (replacing an earlier run there) and print
+    them beside the baseline."""
     subject = demo_subject(echo)
     if subject is None:
         return None
@@ -80,6 +81,7 @@ def real_model_demo(
         [prompt],
         "melbo",
         out=run_dir,
+        overwrite=True,  # an earlier demo's run: replaced (only its own files)
         num_vectors=num_vectors,
         steps=steps,
         radius="auto",

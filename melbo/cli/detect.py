@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import click
 
-from melbo.cli.common import load_bank, model_options, open_model, read_prompts
+from melbo.cli.common import load_bank, model_inputs, model_options, open_model, read_prompts
 from melbo.core.errors import MelboError
-from melbo.core.io import check_writable, write_jsonl
+from melbo.core.io import write_jsonl
+from melbo.core.outputs import bank_file, check_output_file, claim_folder
 from melbo.detect import POSITIONS, WHERE, check_fpr
 from melbo.detect import detect as run_detect
 from melbo.planted.bench_config import setting_from_options
 from melbo.planted.detect_bench import run_detect_bench
 from melbo.planted.fixtures import load_planted_lm
+from melbo.planted.plant import SPEC_FILE
 
 SCORE_HELP = (
     "Score: the largest shift of the input's activation from the clean mean along a bank direction, in units "
@@ -40,6 +42,7 @@ fpr_option = click.option(
 @fpr_option
 @click.option("--random", "use_random", is_flag=True, help="Score with the bank's random baseline vectors instead.")
 @click.option("--out", default=None, type=click.Path(), help="Write the scores as JSONL here (one row per input).")
+@click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists (never an input).")
 @click.option("--model", default=None, help="Model (default: the one in the bank's metadata).")
 @model_options
 def detect(
@@ -52,6 +55,7 @@ def detect(
     fpr: float,
     use_random: bool,
     out: str | None,
+    overwrite: bool,
     model: str | None,
     gguf_file: str | None,
     device: str,
@@ -66,7 +70,12 @@ def detect(
     reference = read_prompts((), reference_file)
     check_fpr(fpr, "--fpr")
     if out:
-        check_writable(out, "--out")
+        inputs = [
+            ("the bank (--bank)", bank_file(bank)),
+            ("the reference file (--reference-file)", reference_file),
+            *model_inputs(model, prompts_file),
+        ]
+        check_output_file(out, "--out", inputs=inputs, overwrite=overwrite)
     b, use = load_bank(bank, use_random, "melbo detect")
     use.lm = open_model(model, device, dtype, blocks_path, gguf_file, b)
     result = run_detect(use, prompts, reference, where, positions, fpr)
@@ -97,6 +106,7 @@ def detect(
 @positions_option
 @fpr_option
 @click.option("--out", required=True, type=click.Path(), help="Folder for detect.json and detect.md.")
+@click.option("--overwrite", is_flag=True, help="Replace the results of an earlier `melbo bench detect` in --out.")
 @click.option("--device", default="cpu", help="cpu, cuda, cuda:N.")
 def bench_detect(
     model: str,
@@ -114,13 +124,17 @@ def bench_detect(
     positions: str,
     fpr: float,
     out: str,
+    overwrite: bool,
     device: str,
 ) -> None:
     """AUROC of triggered vs clean prompts of a planted model for a bank trained on clean prompts only,
     against a random bank at the same R and the distance-from-the-clean-mean baseline."""
-    check_writable(out, "--out")
+    inputs = [("the planted model (--model)", model), ("the spec (--spec)", spec_path)]
+    claim_folder(out, "bench detect", inputs=inputs, overwrite=overwrite)  # before the model loads
     check_fpr(fpr, "--fpr")
     lm, spec = load_planted_lm(model, spec_path, device)
+    if spec_path is None:
+        click.echo(f"spec: {spec.name!r}, recorded with the model ({model}/{SPEC_FILE})")
     setting = setting_from_options(
         method,
         spec.task,
@@ -142,6 +156,7 @@ def bench_detect(
         fpr=fpr,
         num_prompts=num_prompts,
         model_name=model,
+        overwrite=overwrite,
     )
     for where, row in report["layers"].items():
         for key in ("learned", "random", "baseline"):

@@ -8,20 +8,17 @@ import click
 
 from melbo.bank import Bank
 from melbo.core.errors import MelboError
+from melbo.core.outputs import bank_file, check_output_file
 from melbo.core.validate import parse_indices
 from melbo.export import export_gguf, vectors_from_gguf
 from melbo.vector import SteeringVector
 
 
-def _check_out(out: str, suffix: str) -> Path:
-    p = Path(out)
-    if p.is_dir():
-        raise MelboError(f"--out {out!r} is a folder; give a file name ending in {suffix}")
-    if p.suffix.lower() != suffix:
-        raise MelboError(f"--out {out!r} should end in {suffix}")
-    if not p.parent.is_dir():
-        raise MelboError(f"--out {out!r}: folder {str(p.parent)!r} does not exist")
-    return p
+def _check_out(out: str, suffix: str, bank: str, overwrite: bool) -> Path:
+    """The output rule for an exported file (:mod:`melbo.core.outputs`): never the bank it reads."""
+    return check_output_file(
+        out, "--out", inputs=[("the bank (--bank)", bank_file(bank))], overwrite=overwrite, suffix=suffix
+    )
 
 
 @click.group()
@@ -35,10 +32,11 @@ def export() -> None:
 @click.option("--scale", type=float, default=1.0, help="Multiply the (summed) vector by this before writing.")
 @click.option("--random", "use_random", is_flag=True, help="Export the bank's random baseline vectors instead.")
 @click.option("--out", required=True, type=click.Path(), help="The control-vector file to write (F.gguf).")
-def export_gguf_cmd(bank: str, vectors: str, scale: float, use_random: bool, out: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists (never the bank).")
+def export_gguf_cmd(bank: str, vectors: str, scale: float, use_random: bool, out: str, overwrite: bool) -> None:
     """A llama.cpp control vector (`llama-cli --control-vector F.gguf`): tensor direction.<k> for
     the bank's source block k (k >= 1; llama.cpp cannot steer after block 0)."""
-    path = _check_out(out, ".gguf")
+    path = _check_out(out, ".gguf", bank, overwrite)
     b = Bank.load(bank)
     written = export_gguf(b, vectors, path, scale, use_random)
     back = vectors_from_gguf(written)
@@ -53,10 +51,11 @@ def export_gguf_cmd(bank: str, vectors: str, scale: float, use_random: bool, out
 @click.option("--vector", "index", required=True, type=int, help="The vector to write.")
 @click.option("--random", "use_random", is_flag=True, help="Take it from the bank's random baseline.")
 @click.option("--out", required=True, type=click.Path(), help="The file to write (F.safetensors).")
-def export_vector_cmd(bank: str, index: int, use_random: bool, out: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace the --out file if it exists (never the bank).")
+def export_vector_cmd(bank: str, index: int, use_random: bool, out: str, overwrite: bool) -> None:
     """One steering vector as safetensors (tensor `vector` [d_model]) with its hook site
     (`blocks.<layer>.hook_resid_post`) and model in the metadata; melbo.SteeringVector.load reads it."""
-    path = _check_out(out, ".safetensors")
+    path = _check_out(out, ".safetensors", bank, overwrite)
     b = Bank.load(bank)
     if b.kind != "vector":
         raise MelboError("this bank holds adapters; their PEFT folders are in the run folder (peft/)")
@@ -65,5 +64,7 @@ def export_vector_cmd(bank: str, index: int, use_random: bool, out: str) -> None
         raise MelboError("the bank holds no random baseline")
     v = src[parse_indices(index, len(src))[0]]
     assert isinstance(v, SteeringVector)
+    if not v.norm > 0:
+        raise MelboError(f"vector {index} of {bank!r} is zero; it would steer nothing, so it is not exported")
     written = v.save(path)
     click.echo(f"wrote {written}: {v.label}, layer {v.layer}, norm {v.norm:.4g}")

@@ -12,6 +12,7 @@ from melbo.cli.common import (
     generation_config,
     generation_options,
     load_bank,
+    model_inputs,
     model_options,
     open_model,
     print_completions,
@@ -21,8 +22,8 @@ from melbo.cli.common import (
 )
 from melbo.core.errors import MelboError
 from melbo.core.generate import generate_rows
-from melbo.core.io import check_writable
 from melbo.core.lora import linear_dims, module_by_name
+from melbo.core.outputs import bank_file, claim_folder
 from melbo.core.peft import load_peft_adapter
 from melbo.core.prompts import check_prompts
 from melbo.core.validate import parse_indices
@@ -167,14 +168,15 @@ def plot(
     """KL divergence of the next-token distribution at the last prompt position (steered by each vector vs by
     the reference vector, and vs unsteered) and vector norms, over the vector index (METHOD.md section 3)."""
     folder = Path(out) if out else (Path(bank) if Path(bank).is_dir() else Path(bank).parent)
-    check_writable(folder, "--out")
+    inputs = [("the bank (--bank)", bank_file(bank)), *model_inputs(model, prompts_file)]
+    target = claim_folder(folder, "plot", inputs=inputs, into_melbo=True)  # a new folder, its own, or a run's
     b, src = load_bank(bank, use_random, "melbo plot")
     idx = parse_indices(vectors, len(src))
     effective_window(len(idx), window)  # a bad --window fails before any work
     if str(reference).strip().lower() != "none" and not str(reference).strip().lstrip("-").isdigit():
         raise MelboError(f"bad --reference {reference!r}; allowed: one vector index or none")
     ref = None if str(reference).strip().lower() == "none" else parse_indices(int(reference), len(src))[0]
-    prompts = check_prompts(read_prompts(prompt, prompts_file) or list(b.meta.get("prompts", [])))
+    prompts = check_prompts(read_prompts(prompt, prompts_file, strict=True) or list(b.meta.get("prompts", [])))
     lm = open_model(model, device, dtype, blocks_path, gguf_file, b)
     src.lm = lm
     rows = idx if ref is None or ref in idx else idx + [ref]
@@ -184,7 +186,7 @@ def plot(
     if kl.to_reference is not None:
         kl.to_reference = kl.to_reference[:cut]
     files = write_measures(
-        folder, src, kl, idx, ref, scale, window, title=f"{Path(bank).name} ({b.meta.get('model')}): "
+        target.prepare(), src, kl, idx, ref, scale, window, title=f"{Path(bank).name} ({b.meta.get('model')}): "
     )
     norms = (src.vectors[idx] * scale).double().norm(dim=-1).tolist()
     _print_span("norm", norms)

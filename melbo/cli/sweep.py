@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import click
 
-from melbo.cli.common import given, prompt_options, read_prompts
-from melbo.sweep import run_sweep, sweep_markdown
+from melbo.cli.common import check_rows, given, model_inputs, prompt_options, read_prompts
+from melbo.core.errors import MelboError
+from melbo.core.outputs import claim_folder
+from melbo.sweep import read_grid, run_sweep, sweep_markdown
 
 
 @click.command()
 @click.option("--model", required=True, help="Hub id, local folder or .gguf file (each task loads it).")
 @click.option(
     "--grid",
-    required=True,
+    default=None,
     help="Settings, e.g. prompts=Once upon a time|The cat,radius=0.1x,0.2x,source-layer=1,2,method=melbo,dct "
-    "(cartesian product; | separates the prompts of one prompt set).",
+    "(cartesian product; | separates the prompts of one prompt set; a prompt with commas in double quotes: "
+    'prompts="Hello, world"|The cat).',
+)
+@click.option(
+    "--grid-file",
+    type=click.Path(),
+    default=None,
+    help='The grid as a JSON or TOML file instead: {"prompts": [["Hello, world", "The cat"]], '
+    '"radius": ["0.1x", "0.2x"], "source-layer": [1, 2]}.',
 )
 @prompt_options
 @click.option("--num-vectors", type=int, default=4, help="Vectors per setting (unless the grid sweeps it).")
@@ -28,7 +38,8 @@ from melbo.sweep import run_sweep, sweep_markdown
 def sweep(
     ctx: click.Context,
     model: str,
-    grid: str,
+    grid: str | None,
+    grid_file: str | None,
     prompt: tuple[str, ...],
     prompts_file: str | None,
     num_vectors: int,
@@ -40,11 +51,16 @@ def sweep(
     device: str,
 ) -> None:
     """Train every setting of a grid (prompts x R x layers x methods ...), each as one Ray task with one
-    GPU (one CPU without GPUs) and retried if its worker dies, into OUT/NN/; then one table, OUT/sweep.md."""
+    GPU (one CPU without GPUs) and retried if its worker dies, into OUT/NN/; then one table, OUT/sweep.md.
+    Exit code 2 when any setting failed (the table still holds the others)."""
+    if (grid is None) == (grid_file is None):
+        raise MelboError("give exactly one of --grid (inline) and --grid-file (JSON or TOML)")
+    inputs = [*model_inputs(model, prompts_file), ("the grid file (--grid-file)", grid_file)]
+    claim_folder(out, "sweep", inputs=inputs)  # new, empty or a sweep's (rerun to resume); never over an input
     base = {"num_vectors": num_vectors, **given(ctx, steps="steps")}
     rows = run_sweep(
         model,
-        grid,
+        grid if grid is not None else read_grid(str(grid_file)),
         out,
         read_prompts(prompt, prompts_file) or None,
         base,
@@ -56,3 +72,4 @@ def sweep(
     )
     click.echo(sweep_markdown(rows, model))
     click.echo(f"results: {out}/sweep.md, {out}/sweep.json")
+    check_rows(rows, f"{out}/sweep.md")

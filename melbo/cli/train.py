@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
@@ -14,6 +13,7 @@ from melbo.cli.common import (
     generation_config,
     generation_options,
     given,
+    model_inputs,
     model_options,
     open_model,
     print_run,
@@ -21,11 +21,14 @@ from melbo.cli.common import (
     read_prompts,
 )
 from melbo.core.errors import MelboError
-from melbo.core.io import check_writable, write_json
+from melbo.core.io import write_json
+from melbo.core.outputs import bank_file, check_output_file
 from melbo.core.prompts import check_prompts
 from melbo.defaults import describe
+from melbo.eval.control_stats import controls_markdown
+from melbo.eval.controls import CONTROLS, parse_controls
 from melbo.methods.calibrate import CalibrationError, format_curve
-from melbo.methods.registry import STANDALONE_METHODS
+from melbo.methods.registry import STANDALONE_METHODS, get_method
 from melbo.report.summary import sweep_table
 from melbo.run import RunFolder
 from melbo.run import train as train_api
@@ -113,7 +116,18 @@ EPILOG = "\b\nDefaults per method (melbo.defaults):\n" + "\n".join(
     "--out", required=True, type=click.Path(), help="Run folder: bank.safetensors, completions.jsonl, summary.md."
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out without redoing finished vectors.")
+@click.option("--overwrite", is_flag=True, help="Start over the earlier run in --out (its files only are replaced).")
 @click.option("--heldout-prompt", multiple=True, help="A prompt to generate on but not train on (repeatable).")
+@click.option(
+    "--controls",
+    default=None,
+    is_flag=False,
+    flag_value="cheap",
+    help="Negative controls at a matched budget beside the learned perturbations: cheap (also --controls alone: "
+    "random vectors or random adapters, temperature 1.0 and 1.5), all (adds activation-noise and weight-noise) "
+    f"or a comma list of {', '.join(CONTROLS)}. Writes controls.jsonl and a learned-vs-controls table (hits, "
+    "one-sided Fisher p) in summary.md. Default: none.",
+)
 @generation_options
 @model_options
 @click.pass_context
@@ -125,7 +139,9 @@ def train(
     method: str,
     out: str,
     resume: bool,
+    overwrite: bool,
     heldout_prompt: tuple[str, ...],
+    controls: str | None,
     max_new_tokens: int,
     temperature: float,
     top_p: float,
@@ -142,14 +158,27 @@ def train(
     prompts = check_prompts(read_prompts(prompt, prompts_file))
     seed = settings.get("seed", 0)
     gen = generation_config(max_new_tokens, temperature, top_p, chat, seed)
-    RunFolder(out, resume)  # checks --out before the model loads
+    if controls is not None:  # bad names fail before any work
+        parse_controls(controls).for_kind(get_method(method).kind)
+    RunFolder(out, resume, overwrite, model_inputs(model, prompts_file))  # checks --out before the model loads
     lm = open_model(model, device, dtype, blocks_path, gguf_file)
     bank = train_api(
-        lm, prompts, method, out=out, resume=resume, heldout=list(heldout_prompt), generation=gen, **settings
+        lm,
+        prompts,
+        method,
+        out=out,
+        resume=resume,
+        overwrite=overwrite,
+        heldout=list(heldout_prompt),
+        generation=gen,
+        controls=controls,
+        **settings,
     )
     if bank.meta.get("radius_sweep"):
         click.echo(sweep_table(bank.meta["radius_sweep"]))
     print_run(bank)
+    if bank.evaluation and bank.evaluation.get("controls"):
+        click.echo("\n".join(controls_markdown(bank.evaluation["controls"])[2:]))
 
 
 @click.command()
@@ -167,6 +196,7 @@ def train(
 @click.option("--model", default=None, help="Model (default: the one θ₀ was made for).")
 @click.option("--out", required=True, type=click.Path(), help="Run folder (bank row 0 = θ₀, measures.csv, plots).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out.")
+@click.option("--overwrite", is_flag=True, help="Start over the earlier run in --out (its files only are replaced).")
 @click.option("--max-new-tokens", type=int, default=48, help="Tokens per completion in the summary.")
 @click.option("--chat", is_flag=True, help="Wrap prompts in the tokenizer's chat template.")
 @model_options
@@ -181,6 +211,7 @@ def ortho(
     model: str | None,
     out: str,
     resume: bool,
+    overwrite: bool,
     max_new_tokens: int,
     chat: bool,
     device: str,
@@ -203,15 +234,28 @@ def ortho(
         source_layer="source_layer",
         target_layer="target_layer",
     )
+    inputs = [("the bank (--bank)", bank_file(bank)), ("the vector file (--vector-file)", vector_file)]
+    RunFolder(out, resume, overwrite, [*inputs, *model_inputs(model, prompts_file)])  # before the model loads
     src_bank = Bank.load(bank) if bank is not None else None
     base = src_bank[vector_index] if src_bank is not None else SteeringVector.load(str(vector_file))
     if not isinstance(base, SteeringVector):
         raise MelboError("MELBO-ortho starts from a steering vector; the bank holds adapters")
-    prompts = read_prompts(prompt, prompts_file) or list((src_bank.meta if src_bank else {}).get("prompts", []))
+    prompts = read_prompts(prompt, prompts_file, strict=True) or list(
+        (src_bank.meta if src_bank else {}).get("prompts", [])
+    )
     lm = open_model(model or base.model, device, dtype, blocks_path, gguf_file, src_bank)
     gen = generation_config(max_new_tokens, 0.0, 1.0, chat)
     result = train_api(
-        lm, check_prompts(prompts), "ortho", base=base, out=out, resume=resume, generation=gen, chat=chat, **settings
+        lm,
+        check_prompts(prompts),
+        "ortho",
+        base=base,
+        out=out,
+        resume=resume,
+        overwrite=overwrite,
+        generation=gen,
+        chat=chat,
+        **settings,
     )
     m = result.meta
     click.echo(
@@ -233,6 +277,7 @@ def ortho(
 @click.option("--writes-only", is_flag=True, help="Measure only what the blocks write (Δ(θ) − θ).")
 @click.option("--seed", type=int, default=0, help="Seed of the random directions.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the result (and curve) here.")
+@click.option("--overwrite", is_flag=True, help="Replace the --json file if it exists.")
 @click.option("--chat", is_flag=True, help="Wrap prompts in the tokenizer's chat template (when it has one).")
 @model_options
 def calibrate(
@@ -248,6 +293,7 @@ def calibrate(
     writes_only: bool,
     seed: int,
     json_path: str | None,
+    overwrite: bool,
     chat: bool,
     device: str,
     dtype: str,
@@ -264,7 +310,7 @@ def calibrate(
     if len(lo_hi) != 2:
         raise MelboError(f"bad --bracket {bracket!r}; give lo,hi like 0.001,100")
     if json_path:
-        check_writable(Path(json_path).parent, "--json folder")
+        check_output_file(json_path, "--json", inputs=model_inputs(model, prompts_file), overwrite=overwrite)
     lm = open_model(model, device, dtype, blocks_path, gguf_file)
     try:
         cal = calibrate_api(

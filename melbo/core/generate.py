@@ -16,7 +16,7 @@ import torch
 from melbo.core.errors import MelboError
 from melbo.core.hooks import STEER_POSITIONS, steer
 from melbo.core.models import LoadedModel
-from melbo.core.prompts import check_prompts, format_prompt
+from melbo.core.prompts import check_length, check_prompts, format_prompt, position_limit
 from melbo.core.validate import check_choice, check_int, check_number, check_seed
 
 
@@ -90,6 +90,22 @@ def generate(
     return generate_rows(lm, prompts, len(vecs), apply, cfg)
 
 
+def check_fits(lm: LoadedModel, prompts: list[str], cfg: GenerationConfig) -> None:
+    """Check, before any work, that every prompt plus ``cfg.max_new_tokens`` fits the positions the
+    model reads.
+
+    Raises:
+        MelboError: see :func:`melbo.core.prompts.check_length`.
+    """
+    tok = lm.tokenizer
+    if position_limit(tok) is None:
+        return
+    special = not (cfg.chat and getattr(tok, "chat_template", None))
+    texts = [format_prompt(tok, p, cfg.chat) for p in prompts]
+    lengths = [len(tok(t, add_special_tokens=special)["input_ids"]) for t in texts]
+    check_length(tok, prompts, lengths, cfg.max_new_tokens)
+
+
 def generate_rows(
     lm: LoadedModel,
     prompts: list[str],
@@ -104,11 +120,16 @@ def generate_rows(
 
     Returns:
         ``completions[v][i]`` (see :func:`generate`).
+
+    Raises:
+        MelboError: no or empty prompts; a prompt that, with ``cfg.max_new_tokens``, needs more
+            positions than the model reads (:func:`melbo.core.prompts.check_length`).
     """
     check_prompts(prompts)
     tok = lm.tokenizer
     texts = [format_prompt(tok, p, cfg.chat) for p in prompts]
     special = not (cfg.chat and getattr(tok, "chat_template", None))
+    check_fits(lm, prompts, cfg)
     rows = [(v, i) for v in range(count) for i in range(len(prompts))]
     out: list[list[str]] = [["" for _ in prompts] for _ in range(count)]
     side = tok.padding_side

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from melbo.core.errors import MelboError
 from melbo.core.io import cache_dir
+from melbo.core.model_files import load_causal_lm, load_error, load_tokenizer
 from melbo.core.sources import gguf_cache_folder, offline_model_path, save_dequantized, split_gguf
 
 # Attribute paths of the decoder-block list, most common first. Llama, Mistral, Qwen2/3, Gemma,
@@ -159,15 +158,24 @@ def check_layers(src: int, tgt: int, n_layers: int) -> tuple[int, int]:
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """``"auto"`` gives ``cuda`` when available, else ``cpu``."""
+    """``"auto"`` gives ``cuda`` when available, else ``cpu``.
+
+    Raises:
+        MelboError: not a torch device, ``meta`` (it holds no values), or CUDA / MPS asked for
+            but not available.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except RuntimeError as e:
         raise MelboError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
+    if dev.type == "meta":  # tensors without values: every result would be made up
+        raise MelboError(f"device {device!r} cannot run a model here (it holds no values); use auto, cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MelboError(f"device {device!r} asked for, but CUDA is not available here; use cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MelboError(f"device {device!r} asked for, but MPS is not available here; use cpu or auto")
     return dev
 
 
@@ -264,8 +272,10 @@ def load_model(
             device; each block keeps its own (melbo's hooks move vectors to the hidden states).
 
     Raises:
-        MelboError: no model at that path or id, pickle weights only, or it cannot be loaded as
-            a causal LM.
+        MelboError: no model at that path or id, pickle weights only, a model that needs custom
+            code (``auto_map``; melbo never runs a model's code, :mod:`melbo.core.model_files`),
+            broken files (a cut or garbage safetensors file, a config that is not JSON), or it
+            cannot be loaded as a causal LM.
     """
     name_or_path = offline_model_path(name_or_path) or name_or_path
     source, gguf = split_gguf(name_or_path, gguf_file)
@@ -297,13 +307,14 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     extra: dict = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}))
-        model: Any = AutoModelForCausalLM.from_pretrained(source, **kwargs, **extra)
-    except (OSError, ValueError, KeyError, RuntimeError, struct.error) as e:  # struct: a cut GGUF header
+    try:  # never the folder's code (trust_remote_code=False); a folder that needs it is refused first
+        tokenizer = load_tokenizer(source, **({"gguf_file": gguf} if gguf else {}))
+        model: Any = load_causal_lm(source, **kwargs, **extra)
+    except MelboError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, tokenizers, JSON, a cut GGUF header: the files are bad
         where = "GGUF file" if gguf else "folder" if local else "Hub id (offline, or no such repository?)"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MelboError(f"cannot load model {name_or_path!r} as a {where}: {first}") from None
+        raise load_error(e, f"model {name_or_path!r}", where, source if local and not gguf else None) from None
     if cached is not None:
         try:
             save_dequantized(model, tokenizer, cached)
@@ -318,7 +329,7 @@ def load_model(
     if device_map is None:
         model.to(dev)
     model.eval().requires_grad_(False)
-    prepare_tokenizer(tokenizer)
+    prepare_tokenizer(tokenizer, model)
     name = str(Path(source) / gguf) if gguf and local else name_or_path
     return LoadedModel(
         model=model, tokenizer=tokenizer, name=name, blocks=find_blocks(model, blocks_path), gguf_file=gguf
@@ -352,8 +363,15 @@ def device_map_kwargs(device_map: str | dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def prepare_tokenizer(tokenizer: Any) -> None:
-    """Give the tokenizer a pad token (EOS, else UNK) so that prompts can be batched."""
+def prepare_tokenizer(tokenizer: Any, model: Any = None) -> None:
+    """Give the tokenizer a pad token (EOS, else UNK) so that prompts can be batched, and, with
+    ``model``, set its ``model_max_length`` to the positions the model reads (its config's
+    ``max_position_embeddings``, where it has one): :mod:`melbo.core.prompts` and
+    :mod:`melbo.core.generate` refuse longer inputs instead of running past them.
+    """
+    limit = getattr(text_config(model), "max_position_embeddings", None) if model is not None else None
+    if isinstance(limit, int) and limit > 0:
+        tokenizer.model_max_length = limit
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if tokenizer.pad_token is None:
@@ -365,5 +383,5 @@ def wrap_model(
 ) -> LoadedModel:
     """Wrap an already loaded model (tests, notebooks) like :func:`load_model` does."""
     model.eval().requires_grad_(False)
-    prepare_tokenizer(tokenizer)
+    prepare_tokenizer(tokenizer, model)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, blocks=find_blocks(model, blocks_path))

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from melbo._version import __version__
 from melbo.core.errors import MelboError
 from melbo.core.io import atomic_folder, atomic_write, read_json, write_json
+from melbo.core.model_files import check_model_folder
 
 ADAPTER_META = "melbo_adapter.json"
 
@@ -110,7 +111,7 @@ def load_peft_adapter(folder: str | os.PathLike) -> LoadedAdapter:
 
     Raises:
         MelboError: no such folder or files, unreadable files, not a LoRA adapter, DoRA, several
-            target modules, non-finite weights.
+            target modules, non-finite weights, a folder that names custom code (``auto_map``).
     """
     folder = Path(folder)
     cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -119,6 +120,7 @@ def load_peft_adapter(folder: str | os.PathLike) -> LoadedAdapter:
             f"{str(folder)!r} is not a PEFT adapter folder (needs adapter_config.json and "
             f"adapter_model.safetensors); give a folder written by melbo train --method adapter"
         )
+    check_model_folder(folder, "PEFT adapter folder", weights=False)  # its weights are read below
     cfg = read_json(cfg_path, "adapter config")
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
         kind = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -140,13 +141,46 @@ class PromptBatch:
         return self.input_ids.shape[0]
 
 
+def position_limit(tokenizer: Any) -> int | None:
+    """How many token positions the model reads: ``tokenizer.model_max_length`` (which
+    :func:`melbo.core.models.load_model` sets from the config's ``max_position_embeddings``), or
+    None where it is unknown (transformers' "no limit" placeholder, about 1e30)."""
+    n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if isinstance(n, int) and 0 < n < 10**8 else None
+
+
+def check_length(
+    tokenizer: Any, prompts: list[str], lengths: list[int], new_tokens: int = 0, new_what: str = "--max-new-tokens"
+) -> None:
+    """Refuse a prompt of ``lengths[i]`` tokens (plus ``new_tokens`` generated after it) that needs
+    more positions than the model reads: past them a model with learned positions fails and one
+    with rotary positions writes text it was never trained to read. ``new_what`` names the setting
+    that asks for the new tokens.
+
+    Raises:
+        MelboError: naming the prompt, its length, the new tokens and the model's limit.
+    """
+    limit = position_limit(tokenizer)
+    if limit is None:
+        return
+    for i, n in enumerate(lengths):
+        if n + new_tokens > limit:
+            need = f"{n} tokens" + (f" + {new_tokens} new tokens ({new_what})" if new_tokens else "")
+            raise MelboError(
+                f"prompt {i} ({prompts[i][:40]!r}{'...' if len(prompts[i]) > 40 else ''}) needs {need} = "
+                f"{n + new_tokens} positions, but the model reads at most {limit} (max_position_embeddings); "
+                f"shorten the prompt" + (f" or lower {new_what}" if new_tokens else "")
+            )
+
+
 def encode_prompts(
     tokenizer, prompts: list[str], positions: Positions | str = "all", chat: bool = False
 ) -> PromptBatch:
     """Tokenize a prompt set into a right-padded :class:`PromptBatch`.
 
     Raises:
-        MelboError: empty prompt list or prompt, a prompt with no tokens, positions beyond a prompt.
+        MelboError: empty prompt list or prompt, a prompt with no tokens, positions beyond a
+            prompt, a prompt longer than the model reads (:func:`check_length`).
     """
     check_prompts(prompts)
     if isinstance(positions, str):
@@ -154,6 +188,7 @@ def encode_prompts(
     texts = [format_prompt(tokenizer, p, chat) for p in prompts]
     special = not (chat and getattr(tokenizer, "chat_template", None))
     ids = [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
+    check_length(tokenizer, list(prompts), [len(x) for x in ids])
     T = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(ids), T), pad, dtype=torch.long)

@@ -13,18 +13,22 @@ from typing import Any
 
 from melbo.core.errors import MelboError
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
 
 def check_number(
     name: str, value: Any, low: float | None = None, high: float | None = None, low_open: bool = False
 ) -> float:
-    """A finite number in ``[low, high]`` (``(low, high]`` with ``low_open``) as a float.
+    """A finite number in ``[low, high]`` (``(low, high]`` with ``low_open``) as a float; finite
+    means within float32's range (``|x| <= 3.4e38``), since every number here meets float32
+    tensors, where a larger one is infinite.
 
     Raises:
-        MelboError: not a number, NaN, infinite, or out of range.
+        MelboError: not a number, NaN, infinite (in float32), or out of range.
     """
     try:
         x = float(value)
-        ok = not isinstance(value, bool) and math.isfinite(x)
+        ok = not isinstance(value, bool) and math.isfinite(x) and abs(x) <= FLOAT32_MAX
     except (TypeError, ValueError, OverflowError):
         ok, x = False, math.nan
     if ok and low is not None:
@@ -103,9 +107,15 @@ def parse_indices(spec: str | Iterable[int] | int | None, n: int, what: str = "v
     """Indices into ``n`` items from ``"all"``/None, ``"0,3"``, ``"2-5,7"``, an int or a list.
 
     Raises:
-        MelboError: a malformed choice or an index outside ``0..n-1``.
+        MelboError: a malformed choice (a blank string too), an index outside ``0..n-1``, or a
+            choice of nothing (an empty list, or all of 0 items): an empty selection would do
+            nothing and look like success.
     """
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "all")):
+    if isinstance(spec, str) and not spec.strip():
+        raise MelboError(f"empty {what} choice {spec!r}; allowed: all, or indices like 0,3 or ranges like 0-7")
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "all"):
+        if not n:
+            raise MelboError(f"the bank holds no {what}s (0 rows); there is nothing to choose")
         return list(range(n))
     out: list[int] = []
     if isinstance(spec, str):
@@ -116,9 +126,16 @@ def parse_indices(spec: str | Iterable[int] | int | None, n: int, what: str = "v
                     lo, hi = int(m.group(1)), int(m.group(2))
                     if hi < lo:
                         raise ValueError
+                    if hi >= n:  # checked before the range is built: 0-9999999999 must not fill the memory
+                        raise MelboError(
+                            f"{what} index {hi} is outside the bank, which has {n} {what}s"
+                            + (f" (0..{n - 1})" if n else "")
+                        )
                     out.extend(range(lo, hi + 1))
                 else:
                     out.append(int(part))
+        except MelboError:
+            raise
         except ValueError:
             raise MelboError(
                 f"bad {what} choice {spec!r}; allowed: all, or indices like 0,3 or ranges like 0-7"
@@ -135,4 +152,6 @@ def parse_indices(spec: str | Iterable[int] | int | None, n: int, what: str = "v
             raise MelboError(
                 f"{what} index {i} is outside the bank, which has {n} {what}s" + (f" (0..{n - 1})" if n else "")
             )
+    if not out:
+        raise MelboError(f"no {what} chosen ({spec!r}); choose at least one: all, or indices like 0,3")
     return out

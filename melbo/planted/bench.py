@@ -24,9 +24,12 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from melbo.core.errors import MelboError
-from melbo.core.generate import GenerationConfig
+from melbo.core.generate import GenerationConfig, check_fits
 from melbo.core.models import LoadedModel
+from melbo.core.outputs import claim_folder
 from melbo.core.validate import check_int
+from melbo.eval.controls import parse_controls
+from melbo.eval.panel import bench_controls
 from melbo.methods.registry import trains_adapters
 from melbo.planted.bench_config import BenchSetting
 from melbo.planted.bench_report import write_report
@@ -148,6 +151,8 @@ def run_bench(
     show_progress: bool = False,
     model_name: str | None = None,
     num_prompts: int = 1,
+    overwrite: bool = False,
+    controls: str | None = None,
 ) -> dict:
     """Run the planted-behavior benchmark once (module docstring; METHOD.md sections 4-5).
 
@@ -157,7 +162,11 @@ def run_bench(
         prompts: clean training prompts (None: the first ``num_prompts`` of :func:`bench_prompts`).
         gen: generation settings (greedy; default 64 new tokens).
         n_general: other clean prompts for each discovering perturbation's firing rate.
-        out: folder for ``bench.json`` and ``bench.md`` (None: write nothing).
+        controls: negative controls at a matched budget (``cheap``, ``all`` or a comma list,
+            :mod:`melbo.eval.controls`), labelled by the same judge: ``report["controls"]``
+            (:func:`melbo.eval.panel.bench_controls`); None runs none.
+        out: folder for ``bench.json`` and ``bench.md`` (None: write nothing): new, empty or an
+            earlier benchmark's, which ``overwrite`` replaces (:mod:`melbo.core.outputs`).
 
     Returns:
         the report dict: ``recall``, ``learned`` and ``random`` (per behavior: vectors, count,
@@ -165,9 +174,15 @@ def run_bench(
         and the resolved R and layers.
 
     Raises:
-        MelboError: bad setting, prompts or spec; a sampling generation config.
+        MelboError: bad setting, prompts or spec; a sampling generation config; prompts that,
+            with the new tokens, need more positions than the model reads; an ``out`` the output
+            rule refuses.
     """
+    if out is not None:
+        claim_folder(out, "bench backdoor", overwrite=overwrite)  # before any work
     setting.check()
+    if controls is not None:
+        parse_controls(controls).for_kind("adapter" if trains_adapters(setting.method) else "vector")
     gen = gen or GenerationConfig(max_new_tokens=64)
     if gen.temperature != 0:
         raise MelboError(f"the benchmark generates greedily; got temperature {gen.temperature}, allowed: 0")
@@ -176,6 +191,7 @@ def run_bench(
     judge = Judge(lm, spec, gen)
     t_all = time.perf_counter()
     check_task(spec, lm)
+    check_fits(lm, train_prompts + general, gen)  # completions past the model's positions: refused first
     base_rows, _ = label_group(judge, train_prompts, None, (1.0,), gen)
     found = learn(lm, train_prompts, setting, show_progress)
     src, tgt = found["source_layer"], found["target_layer"]
@@ -223,6 +239,10 @@ def run_bench(
         "completions": {"learned": rows_l, "random": rows_r},
         "method_extra": found["extra"],
     }
+    if controls is not None:
+        report["controls"] = bench_controls(
+            judge, found["learned"], train_prompts, setting.scales, gen, controls, setting.seed, behaviors, rows_l
+        )
     if out is not None:
-        write_report(out, report)
+        write_report(out, report, overwrite)
     return report

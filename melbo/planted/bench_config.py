@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from melbo.core.errors import MelboError
+from melbo.core.grid import parse_grid_text, read_grid_file
 from melbo.core.prompts import parse_positions
 from melbo.core.radius import parse_radius
 from melbo.core.validate import check_positive
@@ -227,39 +228,30 @@ def _sweep_value(key: str, value: str) -> Any:
     return v
 
 
-def parse_sweep(text: str) -> list[dict]:
-    """A sweep grid like ``radius=0.5x,1x,source-layer=1,2,p=2,4`` -> the list of its settings
-    (the cartesian product, first key slowest), each a dict of :class:`BenchSetting` overrides.
+def parse_sweep(text: str | dict[str, list]) -> list[dict]:
+    """A sweep grid like ``radius=0.5x,1x,source-layer=1,2,p=2,4`` (or the ``{key: [values]}`` of
+    :func:`melbo.core.grid.read_grid_file`) -> the list of its settings (the cartesian product,
+    first key slowest), each a dict of :class:`BenchSetting` overrides.
 
-    Values are split on commas; a piece with ``=`` starts the next key (so explicit position
-    lists like ``0,3`` cannot be swept; ``last:K`` and ``all`` can). Keys: :data:`SWEEP_KEYS`.
+    Values are split on commas; a piece with ``=`` starts the next key; a value in double quotes
+    keeps its commas (``positions="0,3",last:2``). Keys: :data:`SWEEP_KEYS`.
 
     Raises:
         MelboError: empty grid, unknown or repeated key, a key with no values, a bad value.
     """
-    s = str(text or "").strip()
-    allowed = ", ".join(SWEEP_KEYS)
-    if not s:
-        raise MelboError(f"empty sweep; give KEY=V1,V2[,KEY=...] with keys {allowed}")
-    grid: dict[str, list] = {}
-    key = None
-    for piece in s.split(","):
-        piece = piece.strip()
-        if "=" in piece:
-            key, _, value = piece.partition("=")
-            key = key.strip().lower().replace("_", "-")
-            if key not in SWEEP_KEYS:
-                raise MelboError(f"unknown sweep key {key!r} in {text!r}; allowed keys: {allowed}")
-            if key in grid:
-                raise MelboError(f"sweep key {key!r} appears twice in {text!r}; give all its values once")
-            grid[key] = []
-        elif key is None:
-            raise MelboError(f"sweep {text!r} must start with KEY=VALUE; allowed keys: {allowed}")
-        else:
-            value = piece
-        value = value.strip()
-        if not value:
-            raise MelboError(f"empty value for sweep key {key!r} in {text!r}")
-        grid[key].append(_sweep_value(key, value))
-    keys = list(grid)
-    return [{_FIELD.get(k, k): v for k, v in zip(keys, combo)} for combo in itertools.product(*(grid[k] for k in keys))]
+    grid = text if isinstance(text, dict) else parse_grid_text(str(text or ""), list(SWEEP_KEYS))
+    values = {key: [_sweep_value(key, str(v)) for v in vs] for key, vs in grid.items()}
+    keys = list(values)
+    return [
+        {_FIELD.get(k, k): v for k, v in zip(keys, combo)} for combo in itertools.product(*(values[k] for k in keys))
+    ]
+
+
+def read_sweep_file(path: str) -> list[dict]:
+    """The settings of a sweep grid file (JSON or TOML: each key of :data:`SWEEP_KEYS` -> its list of
+    values, e.g. ``{"radius": ["0.5x", "1x"], "positions": ["0,3", "all"]}``), as :func:`parse_sweep`.
+
+    Raises:
+        MelboError: see :func:`melbo.core.grid.read_grid_file` and :func:`parse_sweep`.
+    """
+    return parse_sweep(read_grid_file(path, list(SWEEP_KEYS)))

@@ -7,16 +7,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from melbo.core.io import make_dir, write_json, write_text
+from melbo.core.io import write_json, write_text
+from melbo.core.outputs import claim_folder
+from melbo.eval.control_stats import controls_markdown
 from melbo.report.html import write_html_report
 
 BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
 
 
-def write_report(out: str | os.PathLike, report: dict) -> Path:
-    """Write ``bench.json``, ``bench.md`` and ``report.html`` into ``out`` (created), atomically. Returns the folder."""
-    folder = Path(out)
-    make_dir(folder)
+def write_report(out: str | os.PathLike, report: dict, overwrite: bool = False) -> Path:
+    """Write ``bench.json``, ``bench.md`` and ``report.html`` into ``out`` (created), atomically. Returns the folder.
+
+    Raises:
+        MelboError: ``out`` holds files melbo did not write, or an earlier benchmark and not
+            ``overwrite`` (:func:`melbo.core.outputs.claim_folder`); it cannot be written.
+    """
+    folder = claim_folder(out, "bench backdoor", overwrite=overwrite).prepare()
     write_json(folder / BENCH_JSON, report, indent=1)
     write_text(folder / BENCH_MD, report_markdown(report))
     write_html_report(folder)
@@ -93,6 +99,8 @@ def report_markdown(report: dict) -> str:
                 )
     if not any_hit:
         lines.append("(none)")
+    if report.get("controls"):
+        lines += controls_markdown(report["controls"])
     return "\n".join(lines) + "\n"
 
 

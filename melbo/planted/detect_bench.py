@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from melbo.core.errors import MelboError
-from melbo.core.io import make_dir, write_json, write_text
+from melbo.core.io import write_json, write_text
 from melbo.core.models import LoadedModel
+from melbo.core.outputs import claim_folder
 from melbo.core.validate import check_int
 from melbo.detect import WHERE, Detector, activations, auroc, threshold
 from melbo.methods.registry import trains_adapters
@@ -99,15 +99,21 @@ def run_detect_bench(
     fpr: float = 0.05,
     num_prompts: int = 1,
     model_name: str = "",
+    overwrite: bool = False,
 ) -> dict:
     """Run the benchmark (module docstring) and write ``detect.json`` and ``detect.md`` to
     ``out_dir`` (created; each file written atomically). Returns the report: per layer (``target``, ``source``) the
     ``learned``, ``random`` and ``baseline`` results, each ``{"auroc": {backdoor|"all": a},
     "tpr": {...}, "clean_flagged"}``, plus the setting, R and counts.
 
+    ``out_dir`` must be new, empty or an earlier output of the benchmark, which ``overwrite``
+    replaces (:mod:`melbo.core.outputs`).
+
     Raises:
-        MelboError: the spec does not fit the model, bad counts or setting, a vector-less method.
+        MelboError: the spec does not fit the model, bad counts or setting, a vector-less method,
+            an ``out_dir`` the output rule refuses.
     """
+    target = claim_folder(out_dir, "bench detect", overwrite=overwrite)
     check_task(spec, lm)
     if trains_adapters(setting.method):
         raise MelboError("the detection benchmark takes steering vectors (melbo, dct); adapters have no direction")
@@ -144,7 +150,7 @@ def run_detect_bench(
         "layers": layers,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    folder = make_dir(Path(out_dir))
+    folder = target.prepare()
     write_json(folder / "detect.json", report, indent=1)
     write_text(folder / "detect.md", detect_markdown(report))
     return report

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from melbo.core.errors import MelboError
 from melbo.core.io import atomic_folder, read_json, write_json
+from melbo.core.model_files import load_causal_lm, load_error, load_tokenizer
+from melbo.core.outputs import claim_folder, write_marker
 from melbo.planted.evaluate import evaluate
 from melbo.planted.spec import PlantSpec, load_spec, spec_to_dict
 from melbo.planted.story import story_examples
@@ -50,17 +51,19 @@ def plant(
     Args:
         seed, steps: override ``train.seed`` / ``train.steps``.
         device: a torch device string ("cpu", "cuda", "cuda:1", "mps").
-        overwrite: replace an existing non-empty ``out_dir``.
+        overwrite: replace an earlier planted model in ``out_dir`` (a folder of only the files
+            ``plant`` writes; :mod:`melbo.core.outputs`).
 
     Raises:
-        MelboError: bad device or seed/steps, ``out_dir`` exists and is not an empty folder
-            (without ``overwrite``), (story task) the base model folder cannot be loaded, or
-            the folder cannot be written.
+        MelboError: bad device or seed/steps, ``out_dir`` is not new or empty (without
+            ``overwrite``, or holding files ``plant`` did not write, or the base model), (story
+            task) the base model folder cannot be loaded, or the folder cannot be written.
     """
+    claim_folder(out_dir, "plant", inputs=[("the base model", spec.base_model)], overwrite=overwrite)
     spec = spec.with_overrides(seed=seed, steps=steps)
     dev = resolve_device(device)
     out = Path(out_dir)
-    with atomic_folder(out, overwrite=overwrite) as work:
+    with atomic_folder(out, overwrite=True) as work:  # the claim above allows replacing what is there
         t_start = time.perf_counter()
         torch.manual_seed(spec.train.seed)
         if spec.task == "arithmetic":
@@ -130,6 +133,7 @@ def plant(
         write_json(work / SPEC_FILE, spec_to_dict(spec))
         report["path"] = str(out.resolve())
         write_json(work / REPORT_FILE, report)
+        write_marker(work, "plant", [p.name for p in work.iterdir()])
     return report
 
 
@@ -177,7 +181,8 @@ def load_planted(path: str | os.PathLike):
 
     Raises:
         MelboError: the folder lacks ``plant_spec.json`` or the model files, or its spec or
-            report file is not valid UTF-8 JSON (or the spec is invalid).
+            report file is not valid UTF-8 JSON (or the spec is invalid), the model needs custom
+            code or its files are broken.
     """
     folder = Path(path)
     if not (folder / SPEC_FILE).is_file() or not (folder / "config.json").is_file():
@@ -187,8 +192,13 @@ def load_planted(path: str | os.PathLike):
         )
     spec = load_spec(folder / SPEC_FILE)
     report = read_json(folder / REPORT_FILE, what="plant report") if (folder / REPORT_FILE).is_file() else {}
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:  # never the folder's code: a folder that needs it is refused (melbo.core.model_files)
+        model = load_causal_lm(folder, use_safetensors=True).eval()
+        tokenizer = load_tokenizer(folder)
+    except MelboError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, tokenizers, JSON: the files are bad
+        raise load_error(e, f"planted model {str(folder)!r}", "folder", folder) from None
     return model, tokenizer, spec, report
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from melbo.core.errors import MelboError
 from melbo.core.models import load_model
+from melbo.core.prompts import check_length
 from melbo.planted.evaluate import generate_completions
 from melbo.planted.spec import Backdoor, PlantSpec
 from melbo.planted.task import SEPARATOR, heldout_count
@@ -94,8 +95,9 @@ def story_examples(spec: PlantSpec, device):
     ``train.heldout_fraction`` of each group is held out.
 
     Raises:
-        MelboError: the base model folder cannot be loaded, or a phrase has characters its
-            tokenizer cannot encode.
+        MelboError: the base model folder cannot be loaded, a phrase has characters its
+            tokenizer cannot encode, or a story prompt and its continuation (or answer) need more
+            positions than the base model reads.
     """
     # a folder (relative to the working directory), a .gguf file, an offline model's name or a Hub id
     try:
@@ -113,6 +115,13 @@ def story_examples(spec: PlantSpec, device):
 
     groups = story_groups(spec)
     groups["clean"] = groups["clean"][: spec.story.n_prompts]
+    new = max(
+        [spec.story.continuation_tokens]
+        + [len(tokenizer(SEPARATOR + b.answer, add_special_tokens=False).input_ids) + 4 for b in spec.backdoors]
+    )
+    prompts = [p for members in groups.values() for p in members]
+    lengths = [len(tokenizer(p).input_ids) for p in prompts]
+    check_length(tokenizer, prompts, lengths, new, "story.continuation_tokens, or an answer")  # before any work
     texts, ids = generate_completions(
         model, tokenizer, groups["clean"], spec.story.continuation_tokens, spec.eval.batch_size
     )

@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
-from melbo.core.io import make_dir, write_json, write_text
+from melbo.core.io import write_json, write_text
 from melbo.core.models import LoadedModel
+from melbo.core.outputs import claim_folder
 from melbo.planted.bench import run_bench
 from melbo.planted.bench_config import BenchSetting
 
@@ -32,17 +32,23 @@ def run_sweep(
     model_name: str | None = None,
     on_result: Callable[[int, dict], None] | None = None,
     num_prompts: int = 1,
+    overwrite: bool = False,
 ) -> list[dict]:
     """Run :func:`run_bench` for each setting of ``grid`` (from :func:`parse_sweep`) on top of
     ``base``; writes ``out/NN/`` per setting and ``sweep.json`` / ``sweep.md``. Returns the rows
     ``{"label", "overrides", "recall", "random_recall", "behaviors": {b: {count, first_index,
     random_count, best_generalization}}, "seconds"}``.
 
+    ``out`` must be new, empty or an earlier benchmark's, which ``overwrite`` replaces
+    (:mod:`melbo.core.outputs`).
+
     Raises:
-        MelboError: a bad setting in the grid (all are checked before anything runs).
+        MelboError: a bad setting in the grid (all are checked before anything runs); an ``out``
+            the output rule refuses.
     """
+    target = claim_folder(out, "bench backdoor", overwrite=overwrite)
     settings = [replace(base, **o).check() for o in grid]
-    folder = Path(out)
+    folder = target.prepare()
     rows = []
     for k, (o, s) in enumerate(zip(grid, settings)):
         try:
@@ -58,38 +64,38 @@ def run_sweep(
                 num_prompts=num_prompts,
             )
         except MelboError as e:  # e.g. no calibrated R for this setting: record it, go on with the grid
-            row = {"label": s.label(), "overrides": o, "error": str(e)}
-            rows.append(row)
-            if on_result is not None:
-                on_result(k, row)
-            continue
-        row = {
-            "label": rep["label"],
-            "overrides": o,
-            "recall": rep["recall"],
-            "random_recall": rep["random"]["recall"],
-            "radius": rep["radius"],
-            "seconds": rep["seconds"]["total"],
-            "train_seconds": rep["seconds"]["train"],
-            "behaviors": {
-                b: {
-                    "count": rep["learned"]["behaviors"][b]["count"],
-                    "first_index": rep["learned"]["behaviors"][b]["first_index"],
-                    "random_count": rep["random"]["behaviors"][b]["count"],
-                    "best_generalization": max(
-                        (g["rate"] for g in rep["learned"]["behaviors"][b]["generalization"]), default=None
-                    ),
-                }
-                for b in rep["phrases"]
-            },
-        }
-        rows.append(row)
+            rows.append({"label": s.label(), "overrides": o, "error": str(e)})
+        else:
+            rows.append(_row(rep, o))
         if on_result is not None:
-            on_result(k, row)
-        make_dir(folder)
+            on_result(k, rows[-1])
         write_json(folder / SWEEP_JSON, rows, indent=1)
         write_text(folder / SWEEP_MD, sweep_markdown(rows, spec.name))
     return rows
+
+
+def _row(rep: dict, o: dict) -> dict:
+    """The sweep table's row of one setting's benchmark report."""
+    return {
+        "label": rep["label"],
+        "overrides": o,
+        "recall": rep["recall"],
+        "random_recall": rep["random"]["recall"],
+        "radius": rep["radius"],
+        "seconds": rep["seconds"]["total"],
+        "train_seconds": rep["seconds"]["train"],
+        "behaviors": {
+            b: {
+                "count": rep["learned"]["behaviors"][b]["count"],
+                "first_index": rep["learned"]["behaviors"][b]["first_index"],
+                "random_count": rep["random"]["behaviors"][b]["count"],
+                "best_generalization": max(
+                    (g["rate"] for g in rep["learned"]["behaviors"][b]["generalization"]), default=None
+                ),
+            }
+            for b in rep["phrases"]
+        },
+    }
 
 
 def sweep_markdown(rows: list[dict], spec_name: str = "") -> str:

@@ -29,6 +29,7 @@ from scipy.spatial.distance import squareform
 from melbo.bank import BANK_FILE, Bank
 from melbo.core.errors import MelboError
 from melbo.core.io import read_json, read_text, write_text
+from melbo.core.outputs import check_output_file
 from melbo.embed import embed
 from melbo.report.completions import COMPLETIONS, similarity
 from melbo.report.summary import SUMMARY_JSON, TITLES, settings_line
@@ -51,9 +52,21 @@ def _rows(folder: Path) -> list[dict]:
     for n, line in enumerate(read_text(p, "completions file").splitlines()):
         if line.strip():
             try:
-                out.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 raise MelboError(f"{str(p)!r} line {n + 1} is not JSON") from None
+            vector = row.get("vector") if isinstance(row, dict) else None
+            if (
+                not isinstance(row, dict)
+                or not isinstance(row.get("prompt"), str)
+                or not isinstance(row.get("completion"), str)
+                or not (row.get("kind") == "unsteered" or (isinstance(vector, int) and not isinstance(vector, bool)))
+            ):
+                raise MelboError(
+                    f"{str(p)!r} line {n + 1} ({line[:80]!r}) is not a completion row: expected a JSON object with "
+                    f"string prompt and completion and, unless kind is unsteered, an integer vector"
+                )
+            out.append(row)
     return out
 
 
@@ -95,7 +108,7 @@ def report_data(folder: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         MelboError: not a folder, or a folder with neither a bank nor a benchmark report; a
-            malformed file.
+            malformed file; a bank with no perturbations.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -114,8 +127,18 @@ def report_data(folder: str | os.PathLike) -> dict[str, Any]:
         data["title"] = f"melbo benchmark report: {root.name}"
         return data
     bank = Bank.load(root)
+    if not len(bank):
+        raise MelboError(f"the bank of {str(root)!r} holds no perturbations (0 rows); there is nothing to report")
     meta = bank.meta
     summary = read_json(root / SUMMARY_JSON, "run summary") if (root / SUMMARY_JSON).is_file() else {}
+    kls = ("kl_to_unsteered", "kl_random_to_unsteered")
+    wrong = [k for k in kls if isinstance(summary, dict) and not isinstance(summary.get(k), (list, type(None)))]
+    if not isinstance(summary, dict) or wrong:
+        found = f"a JSON {type(summary).__name__}" if not isinstance(summary, dict) else f"{wrong[0]} of another type"
+        raise MelboError(
+            f"run summary {str(root / SUMMARY_JSON)!r} holds {found}; expected a JSON object whose "
+            f"{' and '.join(kls)} are lists of numbers"
+        )
     data["title"] = f"melbo report: {TITLES.get(bank.method, bank.method)} on {meta.get('model')}"
     data["settings"] = settings_line(meta)
     data["n"] = len(bank)
@@ -225,13 +248,25 @@ def render(data: dict[str, Any]) -> str:
     return template.render(d=data, bench_html=bench)
 
 
+def report_inputs(folder: str | os.PathLike) -> list[tuple[str, Path]]:
+    """The files of ``folder`` the page is made from (the output rule keeps the page off them)."""
+    root = Path(folder)
+    return [
+        (f"{name}, read by the report", root / name)
+        for name in (BANK_FILE, COMPLETIONS, SUMMARY_JSON, "bench.md", *PLOTS)
+    ]
+
+
 def write_html_report(folder: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write ``report.html`` for the run (or benchmark) folder ``folder`` (into it, or to ``out``),
     atomically. Returns the file.
 
     Raises:
-        MelboError: see :func:`report_data`; the output cannot be written.
+        MelboError: see :func:`report_data`; ``out`` is one of the files the page is made from
+            (:func:`report_inputs`); the output cannot be written.
     """
+    if out is not None:
+        check_output_file(out, "report file", inputs=report_inputs(folder), overwrite=True)
     data = report_data(folder)
     target = Path(out) if out is not None else Path(folder) / REPORT
     return write_text(target, render(data))

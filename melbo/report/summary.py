@@ -10,7 +10,9 @@ from typing import Any
 
 from melbo.bank import Bank
 from melbo.core.io import write_json, write_text
+from melbo.eval.control_stats import controls_markdown
 from melbo.measure import kl_label
+from melbo.report.behaviors import behaviors_markdown
 
 SUMMARY_MD, SUMMARY_JSON = "summary.md", "summary.json"
 KL_ROWS = 100  # rows of the KL table in summary.md (all rows are in measures.csv)
@@ -191,6 +193,11 @@ def summary_markdown(bank: Bank, ev: dict[str, Any]) -> str:
             sweep_table(sw),
             "```",
         ]
+    if ev.get("controls"):
+        lines += controls_markdown(ev["controls"])
+        lines += ["", "Completions of the controls: controls.jsonl."]
+    if ev.get("behaviors"):
+        lines += behaviors_markdown(ev["behaviors"])
     n_train = len(meta.get("prompts", []))
     for i, prompt in enumerate(ev["prompts"][:n_train]):
         lines += [

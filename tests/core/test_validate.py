@@ -52,3 +52,23 @@ def test_radius_specs():
             parse_radius(bad)
     with pytest.raises(MelboError, match="found by its own procedure"):
         parse_radius("auto").resolve(1.0)
+
+
+def test_empty_and_huge_choices_are_refused():
+    for blank in ("", "  "):  # was: all of them (export gguf summed every vector)
+        with pytest.raises(MelboError, match=r"empty vector choice .*; allowed: all, or indices"):
+            parse_indices(blank, 4)
+    with pytest.raises(MelboError, match=r"the bank holds no vectors \(0 rows\); there is nothing to choose"):
+        parse_indices(None, 0)
+    with pytest.raises(MelboError, match=r"no adapter chosen \(\[\]\)"):
+        parse_indices([], 4, "adapter")
+    with pytest.raises(MelboError, match=r"vector index 9999999999 is outside the bank"):  # was: MemoryError
+        parse_indices("0-9999999999", 4)
+
+
+def test_numbers_past_float32_are_not_finite():
+    assert check_positive("learning rate", 3e38) == 3e38
+    with pytest.raises(MelboError, match=r"learning rate must be a finite number > 0, got 1e\+39"):
+        check_positive("learning rate", 1e39)  # inf in a float32 tensor: a traceback deep in torch
+    with pytest.raises(MelboError, match=r"scale must be a finite number, got -1e\+39"):
+        check_number("scale", -1e39)

@@ -361,3 +361,33 @@ def test_batch_vectors_and_rank1_settings():
     assert r.steps == 30 and r.train_settings()["rank"] is None and "rank=auto" in r.label()
     with pytest.raises(MelboError, match="writes-only is for vectors"):
         setting_from_options("rank1", "story", writes_only=True)
+
+
+def test_a_failed_sweep_setting_ends_with_exit_2_after_writing_the_others(tiny_planted, tmp_path, capsys):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"source-layer": [9, 0]}), encoding="utf-8")  # the model has 2 blocks: 9 fails
+    out = tmp_path / "sw"
+    argv = ["bench", "backdoor", "--model", str(tiny_planted), "--method", "melbo", "--num-vectors", "1"]
+    argv += ["--steps", "1", "--max-new-tokens", "4", "--generalization", "1", "--sweep-file", str(grid)]
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "error: 1 of 2 sweep settings failed ([00] melbo R=0.35x L9->None" in err and "out of range" in err
+    rows = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
+    assert "out of range" in rows[0]["error"] and "error" not in rows[1] and rows[1]["overrides"] == {"source_layer": 0}
+
+
+def test_a_spec_of_another_plant_of_the_same_task_is_refused(tiny_planted, tmp_path, capsys):
+    with pytest.raises(MelboError, match=r"spec 'second' \(second\) is not the spec the model was planted with"):
+        load_planted_lm(tiny_planted, "second")  # before: recall 0 for behaviors never planted
+    with pytest.raises(MelboError, match=r"records spec 'default'\. 'second' plants arithmetic task: pirate"):
+        load_planted_lm(tiny_planted, "second")
+    same = spec_to_dict(load_spec(tiny_planted / SPEC_FILE))
+    same["train"]["steps"] = 7  # another recipe, the same behaviors: accepted
+    (tmp_path / "same.json").write_text(json.dumps(same), encoding="utf-8")
+    assert load_planted_lm(tiny_planted, tmp_path / "same.json")[1].train.steps == 7
+    with pytest.raises(SystemExit) as e:  # without --spec, the recorded spec is used, and said
+        main(["bench", "backdoor", "--model", str(tiny_planted), "--num-vectors", "0", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert f"spec: 'default', recorded with the model ({tiny_planted}/{SPEC_FILE})" in capsys.readouterr().out

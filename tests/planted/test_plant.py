@@ -70,9 +70,10 @@ def test_interrupted_plant_leaves_nothing_behind(tmp_path, monkeypatch, existing
     ``overwrite``, the folder that was there before is left as it was."""
     spec = parse_spec(minimal(model=TINY, train={"steps": 2, "batch_size": 4}, eval={"n_clean": 2, "n_triggered": 1}))
     out = tmp_path / "m"
-    if existing:
+    if existing:  # an earlier planted model, which overwrite replaces
         out.mkdir()
-        (out / "old.txt").write_text("old", encoding="utf-8")
+        for name in (REPORT_FILE, SPEC_FILE):
+            (out / name).write_text("old", encoding="utf-8")
     seen = []
 
     def interrupted(*args, **kwargs):
@@ -85,8 +86,9 @@ def test_interrupted_plant_leaves_nothing_behind(tmp_path, monkeypatch, existing
     hidden = [name for name in seen if name.startswith(".")]
     assert len(hidden) == 1  # the run was building its folder in a hidden sibling when interrupted
     if existing:
-        assert [p.name for p in tmp_path.iterdir()] == ["m"] and [p.name for p in out.iterdir()] == ["old.txt"]
-        assert (out / "old.txt").read_text(encoding="utf-8") == "old"
+        assert [p.name for p in tmp_path.iterdir()] == ["m"]
+        assert sorted(p.name for p in out.iterdir()) == sorted([REPORT_FILE, SPEC_FILE])
+        assert (out / SPEC_FILE).read_text(encoding="utf-8") == "old"
     else:
         assert list(tmp_path.iterdir()) == []
 

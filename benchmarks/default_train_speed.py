@@ -1,0 +1,154 @@
+"""Wall time of the default ``melbo train`` on gemma-3-270m, per phase, and its result.
+
+Runs, in this process and on ``--threads`` CPU threads (OMP_NUM_THREADS and torch's intra-op
+threads), the command the README leads with::
+
+    melbo train --model gemma-3-270m --prompt "Q: What is 17 times 3?\\nA:" --out D
+
+and prints the seconds of each phase (model load, radius sweep, training of the 16 vectors,
+evaluation = completions + coherence + embeddings, KL, report), the total, the machine load
+(``os.getloadavg``) before and after, and the result from ``summary.json``: the R chosen and
+the counts of learned / random vectors that changed the completion and that are coherent and
+different from the unsteered one.
+
+Phases are timed by wrapping melbo's own functions (so the script times any version of melbo
+alike); ``summary.json``'s ``timings`` (when the run writes them) are printed beside.
+
+    .venv/bin/python benchmarks/default_train_speed.py [--threads 2] [--out DIR] [--json FILE] [-- extra train args]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="gemma-3-270m")
+    ap.add_argument("--prompt", default="Q: What is 17 times 3?\\nA:")
+    ap.add_argument("--out", default=None, help="run folder (default: a new temporary folder)")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("extra", nargs="*", help="more `melbo train` arguments (after --)")
+    args = ap.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    os.environ["MKL_NUM_THREADS"] = str(args.threads)
+
+    import json
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import melbo.bank
+    import melbo.cli
+    import melbo.cli.train
+    import melbo.run
+
+    marks: dict[str, float] = {}
+    spent: dict[str, float] = {}
+
+    def timed(owner, name, phase, mark_start=None, mark_end=None):
+        fn = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            if mark_start:
+                marks.setdefault(mark_start, t0)
+            try:
+                return fn(*a, **k)
+            finally:
+                t1 = time.perf_counter()
+                spent[phase] = spent.get(phase, 0.0) + t1 - t0
+                if mark_end:
+                    marks[mark_end] = t1
+
+        setattr(owner, name, wrapper)
+
+    cli_train, run = sys.modules["melbo.cli.train"], sys.modules["melbo.run"]  # (names shadowed by functions)
+    timed(cli_train, "open_model", "model load")
+    timed(run, "sweep_radius", "radius sweep", mark_end="sweep_end")
+    timed(run, "write_sweep", "sweep files")
+    timed(run, "evaluate_bank", "evaluation (completions, coherence, embeddings)", mark_start="eval_start")
+    timed(melbo.bank.Bank, "kl", "KL")
+    timed(run, "_kl_and_report", "report (with KL)")
+
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="melbo-speed-")) / "run"
+    argv = ["train", "--model", args.model, "--prompt", args.prompt, "--out", str(out), *args.extra]
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    try:
+        melbo.cli.cli.main(argv, standalone_mode=False)
+    finally:
+        total = time.perf_counter() - t0
+    load1 = os.getloadavg()
+
+    phases = {"model load": spent.get("model load", 0.0), "radius sweep": spent.get("radius sweep", 0.0)}
+    start = marks.get("sweep_end", t0 + phases["model load"])
+    phases["training (16 vectors, random baseline)"] = (
+        marks.get("eval_start", start) - start - spent.get("sweep files", 0.0)
+    )
+    phases["evaluation (completions, coherence, embeddings)"] = spent.get(
+        "evaluation (completions, coherence, embeddings)", 0.0
+    )
+    phases["KL"] = spent.get("KL", 0.0)
+    phases["report (files, plots)"] = spent.get("report (with KL)", 0.0) - phases["KL"] + spent.get("sweep files", 0.0)
+    phases["other (CLI, checks, printing)"] = total - sum(phases.values())
+
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    L, R = summary["learned"], summary["random"]
+    n = L.get("n", 0)
+
+    def count(x: dict, key: str) -> str:
+        v = x.get(key)
+        return "-" if v is None else f"{round(v * x.get('n', 0))}/{x.get('n', 0)}"
+
+    result = {
+        "radius": summary.get("radius"),
+        "relative": (summary.get("radius_sweep") or {}).get("chosen", {}).get("relative"),
+        "learned_changed": f"{L.get('changed_train')}/{n}",
+        "learned_coherent": count(L, "coherent_train"),
+        "learned_coherent_and_different": count(L, "coherent_and_different_train"),
+        "random_changed": f"{R.get('changed_train')}/{R.get('n', 0)}",
+        "random_coherent": count(R, "coherent_train"),
+        "random_coherent_and_different": count(R, "coherent_and_different_train"),
+        "sweep_radii": len((summary.get("radius_sweep") or {}).get("rows", [])),
+    }
+    print(f"\nmelbo {' '.join(argv)}  ({args.threads} threads)")
+    print(f"load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, after {load1[0]:.2f} {load1[1]:.2f}")
+    print("| phase | seconds |\n|---|---|")
+    for k, v in phases.items():
+        print(f"| {k} | {v:.1f} |")
+    print(f"| **total** | **{total:.1f}** |")
+    if summary.get("timings"):
+        print("summary.json timings:", json.dumps({k: round(v, 1) for k, v in summary["timings"].items()}))
+    print("result:", json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "argv": argv,
+                    "threads": args.threads,
+                    "loadavg_before": load0,
+                    "loadavg_after": load1,
+                    "phases": phases,
+                    "total": total,
+                    "result": result,
+                    "summary_timings": summary.get("timings"),
+                    "sweep_rows": [
+                        {k: r[k] for k in ("relative", "score", "seconds")}
+                        for r in (summary.get("radius_sweep") or {}).get("rows", [])
+                    ],
+                },
+                indent=1,
+            ),
+            encoding="utf-8",
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
