@@ -49,21 +49,26 @@ def main() -> None:
     import melbo.cli.train
     import melbo.run
 
-    marks: dict[str, float] = {}
-    spent: dict[str, float] = {}
+    marks: dict[str, tuple[float, float]] = {}
+    spent: dict[str, list[float]] = {}
+
+    def now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
 
     def timed(owner, name, phase, mark_start=None, mark_end=None):
         fn = getattr(owner, name)
 
         def wrapper(*a, **k):
-            t0 = time.perf_counter()
+            t0 = now()
             if mark_start:
                 marks.setdefault(mark_start, t0)
             try:
                 return fn(*a, **k)
             finally:
-                t1 = time.perf_counter()
-                spent[phase] = spent.get(phase, 0.0) + t1 - t0
+                t1 = now()
+                acc = spent.setdefault(phase, [0.0, 0.0])
+                acc[0] += t1[0] - t0[0]
+                acc[1] += t1[1] - t0[1]
                 if mark_end:
                     marks[mark_end] = t1
 
@@ -80,24 +85,32 @@ def main() -> None:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="melbo-speed-")) / "run"
     argv = ["train", "--model", args.model, "--prompt", args.prompt, "--out", str(out), *args.extra]
     load0 = os.getloadavg()
-    t0 = time.perf_counter()
+    t0 = now()
     try:
         melbo.cli.cli.main(argv, standalone_mode=False)
     finally:
-        total = time.perf_counter() - t0
+        t1 = now()
     load1 = os.getloadavg()
 
-    phases = {"model load": spent.get("model load", 0.0), "radius sweep": spent.get("radius sweep", 0.0)}
-    start = marks.get("sweep_end", t0 + phases["model load"])
-    phases["training (16 vectors, random baseline)"] = (
-        marks.get("eval_start", start) - start - spent.get("sweep files", 0.0)
-    )
-    phases["evaluation (completions, coherence, embeddings)"] = spent.get(
-        "evaluation (completions, coherence, embeddings)", 0.0
-    )
-    phases["KL"] = spent.get("KL", 0.0)
-    phases["report (files, plots)"] = spent.get("report (with KL)", 0.0) - phases["KL"] + spent.get("sweep files", 0.0)
-    phases["other (CLI, checks, printing)"] = total - sum(phases.values())
+    def phase_table(i: int) -> dict[str, float]:
+        """Seconds per phase: ``i`` = 0 wall time, 1 CPU time of this process (all threads)."""
+
+        def get(name: str) -> float:
+            return spent.get(name, [0.0, 0.0])[i]
+
+        total = t1[i] - t0[i]
+        out = {"model load": get("model load"), "radius sweep": get("radius sweep")}
+        start = marks.get("sweep_end", (t0[0] + out["model load"], t0[1] + out["model load"]))[i]
+        eval_start = marks.get("eval_start", (start, start))[i]
+        out["training (16 vectors, random baseline)"] = eval_start - start - get("sweep files")
+        out["evaluation (completions, coherence, embeddings)"] = get("evaluation (completions, coherence, embeddings)")
+        out["KL"] = get("KL")
+        out["report (files, plots)"] = get("report (with KL)") - out["KL"] + get("sweep files")
+        out["other (CLI, checks, printing)"] = total - sum(out.values())
+        out["total"] = total
+        return out
+
+    wall, cpu = phase_table(0), phase_table(1)
 
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     L, R = summary["learned"], summary["random"]
@@ -120,10 +133,9 @@ def main() -> None:
     }
     print(f"\nmelbo {' '.join(argv)}  ({args.threads} threads)")
     print(f"load average before {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}, after {load1[0]:.2f} {load1[1]:.2f}")
-    print("| phase | seconds |\n|---|---|")
-    for k, v in phases.items():
-        print(f"| {k} | {v:.1f} |")
-    print(f"| **total** | **{total:.1f}** |")
+    print("| phase | wall s | CPU s (all threads) |\n|---|---|---|")
+    for k, v in wall.items():
+        print(f"| {k} | {v:.1f} | {cpu[k]:.1f} |")
     if summary.get("timings"):
         print("summary.json timings:", json.dumps({k: round(v, 1) for k, v in summary["timings"].items()}))
     print("result:", json.dumps(result))
@@ -135,8 +147,8 @@ def main() -> None:
                     "threads": args.threads,
                     "loadavg_before": load0,
                     "loadavg_after": load1,
-                    "phases": phases,
-                    "total": total,
+                    "wall_seconds": wall,
+                    "cpu_seconds": cpu,
                     "result": result,
                     "summary_timings": summary.get("timings"),
                     "sweep_rows": [

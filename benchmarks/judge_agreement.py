@@ -7,7 +7,7 @@ thresholds are module constants (their choice is recorded in melbo/eval/judge.py
 The unsteered model of each row scores it: gemma-3-270m for gemma rows, the micro model of
 ``../shared/models`` named in the row's ``model`` for the others.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/judge_agreement.py            # about 2 minutes
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/judge_agreement.py            # about 4 minutes
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/judge_agreement.py --text-only
     # judge once and keep the features, then re-decide from them (e.g. after changing a threshold):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/judge_agreement.py --dump /tmp/judged.jsonl

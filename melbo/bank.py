@@ -279,6 +279,33 @@ class Bank:
         ]
         return dict(zip(labels, comps))
 
+    def generate_beside_random(
+        self, prompts: list[str], count: int | None = None, **generation: Any
+    ) -> tuple[list[str], list[list[str]], list[list[str]]]:
+        """The unsteered completions, the first ``count`` perturbations' (default all) and as many
+        random ones', all rows of one batched ``generate`` (a perturbation per row): what
+        ``generate(vectors=range(count))`` and ``generate(..., random=True, unsteered=False)``
+        give, with the model's weights read once per token instead of once per call.
+
+        Returns:
+            ``(unsteered[i], learned[v][i], random[v][i])`` (no random rows without a baseline).
+
+        Raises:
+            MelboError: as :meth:`generate`.
+        """
+        cfg = GenerationConfig(**generation)
+        if not len(self):
+            raise MelboError(f"the bank holds no {self._noun()}s (0 rows); there is nothing to generate with")
+        k = len(self) if count is None else min(count, len(self))
+        rand = self.random
+        kr = min(k, len(rand)) if rand is not None else 0
+        parts = [self] + ([rand] if rand is not None and kr else [])
+        tensors = {n: torch.cat([b.tensors[n][: (k if b is self else kr)] for b in parts]) for n in LEARNED[self.kind]}
+        both = Bank(tensors, {key: v for key, v in self.meta.items() if key != "vectors"}, self.model())
+        rows, perturb = both.perturb(1.0, True, cfg.steer_positions)
+        comps = generate_rows(both.model(), prompts, rows, perturb, cfg)
+        return comps[0], comps[1 : 1 + k], comps[1 + k :]
+
     def kl(
         self,
         prompts: list[str] | str | None = None,

@@ -27,6 +27,7 @@ from melbo.core.io import write_json, write_text
 from melbo.core.models import LoadedModel
 from melbo.core.outputs import claim_folder
 from melbo.core.validate import check_choice, check_int
+from melbo.eval.labels import JUDGE_NAME, count_labels, counts_text, judge_groups
 from melbo.run import train
 
 OPERATIONS = {"times": lambda a, b: a * b, "plus": lambda a, b: a + b, "minus": lambda a, b: a - b}
@@ -97,7 +98,9 @@ def run_capability(
 
     Returns:
         ``{"unsteered": accuracy, "learned": [accuracy per vector], "random": [...], "best": {...},
-        "examples": {...}, "radius", "train_prompts", "seconds"}``; with ``out``, ``capability.json``
+        "examples": {...}, "judge_labels": {"learned": counts, "random": counts} (the behavior
+        judge's new / degenerate / unchanged over the test completions, :mod:`melbo.eval.judge`),
+        "radius", "train_prompts", "seconds"}``; with ``out``, ``capability.json``
         and ``capability.md`` there. ``out`` must be new, empty or an earlier output of the
         benchmark, which ``overwrite`` replaces (:mod:`melbo.core.outputs`).
 
@@ -132,6 +135,8 @@ def run_capability(
     rand = rand_bank.generate(test_prompts, vectors=list(range(n)), unsteered=False, max_new_tokens=max_new_tokens)
     acc_l = [accuracy(c, truths) for c in learned.values()]
     acc_r = [accuracy(c, truths) for c in rand.values()]
+    judged = judge_groups(test_prompts, base, {"learned": list(learned.values()), "random": list(rand.values())}, lm)
+    judge_labels = {g: count_labels(j["label"] for v in judged[g] for j in v) for g in judged}
     best = max(range(len(acc_l)), key=lambda i: acc_l[i]) if acc_l else None
     report = {
         "task": {"op": task.op, "digits_a": task.digits_a, "digits_b": task.digits_b, "template": TEMPLATE},
@@ -153,6 +158,7 @@ def run_capability(
             "examples": list(zip(test_prompts[:3], list(learned.values())[best][:3])),
         },
         "unsteered_examples": list(zip(test_prompts[:3], base[:3])),
+        "judge_labels": judge_labels,
         "seconds": time.perf_counter() - t0,
         "rule": "answer = last integer before a new 'Q:'; accuracy = share of test instances answered correctly",
     }
@@ -181,6 +187,13 @@ def capability_markdown(report: dict) -> str:
     ]
     for i, (a, r) in enumerate(zip(report["learned"], report["random"] + [None] * len(report["learned"]))):
         lines.append(f"| {i} | {100 * a:.0f}% | r{i} | {'-' if r is None else f'{100 * r:.0f}%'} |")
+    if report.get("judge_labels"):
+        jl = report["judge_labels"]
+        lines += [
+            "",
+            f"Behavior judge ({JUDGE_NAME}) over the test completions, against the unsteered one: learned "
+            f"{counts_text(jl['learned'])}; random {counts_text(jl['random'])}.",
+        ]
     if report["best"]:
         lines += ["", f"Best learned vector: {report['best']['vector']} ({100 * report['best']['accuracy']:.0f}%):", ""]
         lines += [f"- `{' '.join((p + c).split())[:160]}`" for p, c in report["best"]["examples"]]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Any
 
@@ -69,16 +70,38 @@ def _load(path: str) -> Any:
         raise MelboError(f"cannot load the sentence-embedding model {path!r}: {first_line(e)}") from None
 
 
+MEMO_TEXTS = 20_000
+"""Embeddings kept in memory, per (model, text), so that a text embedded once in a process (a run
+embeds the same completions for its judge, its controls and its distinct behaviors) is not
+embedded again: about 30 MB for all-MiniLM-L6-v2's 384 dimensions; the oldest are dropped first."""
+_memo: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+
+
 def embed(texts: list[str], embedder: str | None = None) -> torch.Tensor:
-    """Unit-norm sentence embeddings ``[len(texts), dim]`` float32 (empty texts embed as ``"∅"``)."""
-    model = _load(embedder_path(embedder))
-    vecs = model.encode(
-        [t if t.strip() else "∅" for t in texts],
-        convert_to_tensor=True,
-        normalize_embeddings=True,
-        show_progress_bar=False,
-    )
-    return vecs.float().cpu()
+    """Unit-norm sentence embeddings ``[len(texts), dim]`` float32 (empty texts embed as ``"∅"``).
+    Each distinct text is encoded once per process and model (:data:`MEMO_TEXTS`).
+
+    Raises:
+        MelboError: no embedding model (:func:`embedder_path`), or it cannot be loaded.
+    """
+    path = embedder_path(embedder)
+    keys = [t if t.strip() else "∅" for t in texts]
+    todo = [k for k in dict.fromkeys(keys) if (path, k) not in _memo]
+    fresh: dict[str, torch.Tensor] = {}
+    if todo or not keys:
+        vecs = _load(path).encode(todo, convert_to_tensor=True, normalize_embeddings=True, show_progress_bar=False)
+        if not keys:
+            return vecs.float().cpu()
+        fresh = dict(zip(todo, vecs.float().cpu().clone()))
+    rows = []
+    for k in keys:  # the texts of this call become the newest
+        v = fresh[k] if k in fresh else _memo[(path, k)]
+        _memo[(path, k)] = v
+        _memo.move_to_end((path, k))
+        rows.append(v)
+    while len(_memo) > MEMO_TEXTS:
+        _memo.popitem(last=False)
+    return torch.stack(rows)
 
 
 def mean_pairwise_distance(emb: torch.Tensor) -> float:

@@ -205,11 +205,14 @@ def train(
     if evaluate:  # the completions must fit the model's positions: checked before any training
         check_fits(lm, prompts + heldout, gen)
     sweep = None
+    timings: dict[str, float] = {}  # seconds per phase, for summary.json
     if hasattr(s, "radius") and parse_radius(s.radius).kind == "auto":
+        t0 = time.perf_counter()
         sweep = sweep_radius(
             lm, prompts, method, s, src, tgt, gen, echo=tqdm.write if show_progress else None, **(sweep_options or {})
         )
         s.radius = f"{sweep['chosen']['radius']:.6g}"
+        timings["radius_sweep"] = time.perf_counter() - t0
     m = cls(Context(lm, batch, src, tgt, s, show_progress))
     meta: dict[str, Any] = {
         **lm.identity(),
@@ -255,11 +258,13 @@ def train(
     if hasattr(m, "perturbation_norms"):
         meta["random_perturbation_norms"] = m.perturbation_norms(random)
     bank = Bank({**fit.tensors, **random}, meta, lm)
+    timings["train"] = time.perf_counter() - t0  # the fit, the random baseline and its objectives
     if run is not None:
         run.save(bank)
         if sweep:
             write_sweep(run.path, sweep)
     if evaluate:
+        t1 = time.perf_counter()
         new = len(fit) - (len(resume_fit) if resume_fit else 0)
         ev = evaluate_bank(
             bank, heldout, gen, s.num_vectors if cls.name == "dct" else None, run.path if run is not None else None
@@ -287,13 +292,14 @@ def train(
             )
         bank.evaluation = ev
         if run is not None:
-            ev["behaviors"] = run_behaviors(run.path, lm, gen.chat)  # learned, random and controls' completions
+            ev["behaviors"] = run_behaviors(run.path, lm, gen.chat)  # the learned and controls' completions
             if getattr(cls, "writes_measures", False):
                 idx = list(range(len(bank)))
                 kl = bank.kl(reference=0)
                 write_measures(run.path, bank, kl, idx, 0, title=f"{cls.name} ({lm.name}, {src}→{tgt}): ")
                 ev["kl_to_base"] = kl.to_reference.tolist() if kl.to_reference is not None else None
                 ev["kl_to_unsteered"] = kl.to_unsteered.tolist()
+            ev["timings"] = {**timings, "evaluate": time.perf_counter() - t1}
             _kl_and_report(run.path, bank, ev)
     return bank
 

@@ -113,8 +113,9 @@ def run_setting(
     model: str, index: int, setting: dict, base: dict, prompts: list[str], out: str, max_new_tokens: int, device: str
 ) -> dict:
     """Train one grid setting into ``out/NN/`` (one thread) and return (and write) its table row:
-    R, layers, learned and random (changed the completion, coherent and different from the
-    unsteered one, mean objective), the settings not used by the method, seconds, the worker's pid.
+    R, layers, learned and random (the behavior judge's label counts over the training completions,
+    changed the completion, coherent and different from the unsteered one, mean objective), the
+    settings not used by the method, seconds, the worker's pid.
 
     Raises:
         MelboError: every error of :func:`melbo.train` for this setting.
@@ -151,6 +152,7 @@ def run_setting(
 
     def stats(x: dict) -> dict:
         return {
+            "labels": x.get("labels_train"),
             "changed": f"{x.get('changed_train')}/{x.get('n')}",
             "coherent_and_different": x.get("coherent_and_different_train"),
             "mean_objective": round(float(x.get("mean_objective", float("nan"))), 4),
@@ -284,14 +286,16 @@ def run_sweep(
 
 
 def sweep_markdown(rows: list[dict], model: str = "") -> str:
-    """The sweep table in Markdown: per setting R, layers, and learned vs random (completions
-    changed, share coherent and different from the unsteered one, mean objective)."""
+    """The sweep table in Markdown: per setting R, layers, and learned vs random (the behavior
+    judge's ``new`` and ``degenerate`` counts over the training completions, completions changed,
+    share coherent and different from the unsteered one, mean objective)."""
     lines = [
         f"# melbo sweep{' on ' + model if model else ''}",
         "",
-        "| # | setting | R | layers | learned changed | learned coherent & different | learned objective "
-        "| random changed | random coherent & different | random objective | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| # | setting | R | layers | learned new | learned degenerate | learned changed "
+        "| learned coherent & different | learned objective | random new | random degenerate | random changed "
+        "| random coherent & different | random objective | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(text: str) -> str:  # a | of a prompt set would split the table's cell
@@ -300,14 +304,20 @@ def sweep_markdown(rows: list[dict], model: str = "") -> str:
     def share(x: Any) -> str:
         return "-" if x is None else f"{100 * float(x):.0f}%"
 
+    def count(x: dict, label: str) -> str:  # of all training completions (vectors × prompts)
+        c = x.get("labels")
+        return "-" if not c else f"{c.get(label, 0)}/{sum(c.values())}"
+
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['index']} | {cell(r['label'])} | error: {cell(r['error'])} |" + " |" * 8)
+            lines.append(f"| {r['index']} | {cell(r['label'])} | error: {cell(r['error'])} |" + " |" * 12)
             continue
         L, R = r["learned"], r["random"]
         lines.append(
             f"| {r['index']} | {cell(r['label'])} | {r['radius']:.4g} | {r['source_layer']}->{r['target_layer']} | "
+            f"{count(L, 'new')} | {count(L, 'degenerate')} | "
             f"{L['changed']} | {share(L['coherent_and_different'])} | {L['mean_objective']:.4g} | "
+            f"{count(R, 'new')} | {count(R, 'degenerate')} | "
             f"{R['changed']} | {share(R['coherent_and_different'])} | {R['mean_objective']:.4g} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"

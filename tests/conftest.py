@@ -3,6 +3,7 @@ a character-level tokenizer built in code, and the real models of ../shared/mode
 
 from __future__ import annotations
 
+import json
 import string
 from pathlib import Path
 
@@ -84,6 +85,38 @@ def tiny_model(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     return model.eval()
+
+
+CUSTOM_CODE_AUTO_MAP = {
+    "AutoConfig": "evil.EvilConfig",
+    "AutoModelForCausalLM": "evil.EvilModel",
+    "AutoModel": "evil.EvilModel",
+    "AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"],
+}
+"""What a model folder that needs custom code names in its ``config.json`` ``auto_map``."""
+
+
+def plant_custom_code(folder: Path, sentinel: Path, config_update: dict) -> None:
+    """Write ``folder/evil.py`` (it writes ``sentinel`` when imported) and name it in the folder's
+    configs: ``config_update`` goes into ``config.json``, an ``AutoTokenizer`` ``auto_map`` into
+    ``tokenizer_config.json`` (when there is one)."""
+    (folder / "evil.py").write_text(
+        f"open({str(sentinel)!r}, 'w').write('the model folder ran its code')\n"
+        "from transformers import PretrainedConfig, PreTrainedModel\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evilmodel'\n"
+        "class EvilModel(PreTrainedModel):\n    config_class = EvilConfig\n"
+        "class EvilTokenizer:\n    pass\n"
+        "class EvilModule:\n    pass\n"
+    )
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    cfg.update(config_update)
+    cfg_path.write_text(json.dumps(cfg))
+    tok_path = folder / "tokenizer_config.json"
+    if tok_path.is_file():
+        tok = json.loads(tok_path.read_text())
+        tok["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
+        tok_path.write_text(json.dumps(tok))
 
 
 def tiny_loaded(arch: str, seed: int = 0):

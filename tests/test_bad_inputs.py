@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
+from conftest import CUSTOM_CODE_AUTO_MAP, char_tokenizer, plant_custom_code, tiny_model
 from safetensors.torch import save_file
 
 from melbo.bank import Bank
 from melbo.cli import cli, main
 from melbo.core.io import save_tensors
+from melbo.core.peft import save_peft_adapter
 from melbo.planted.spec import load_spec, parse_spec, spec_to_dict
 from melbo.planted.tokenizer import build_char_tokenizer
 from melbo.planted.training import build_model
@@ -244,6 +247,31 @@ def files(tmp_path_factory):
         path = root / ("grid-bad.toml" if name == "gridbadtoml" else f"{name}.json")
         path.write_text(text)
         f[name] = str(path)
+    # model folders that need custom code (class a): evil.py writes the sentinel when imported
+    f["sentinel"] = str(root / "SENTINEL")
+    code = {"model_type": "evilmodel", "auto_map": CUSTOM_CODE_AUTO_MAP}
+    for name, source in (("evil", model), ("evilplanted", planted)):
+        shutil.copytree(source, root / name)
+        plant_custom_code(root / name, root / "SENTINEL", code)
+        f[name] = str(root / name)
+    evilrun = root / "evilrun"  # a run recorded against the evil folder
+    evilrun.mkdir()
+    for p in run.iterdir():
+        if p.is_file() and p.name != "bank.safetensors":
+            (evilrun / p.name).write_bytes(p.read_bytes())
+    Bank(bank.tensors, {**bank.meta, "model": f["evil"]}).save(evilrun / "bank.safetensors")
+    f["evilbank"] = str(evilrun)
+    a, b = torch.randn(64, 2), torch.randn(32, 2)  # a LoRA adapter whose base model is the evil folder
+    adapter = save_peft_adapter(
+        root / "eviladapter", a, b, 1.0, "model.layers.1.mlp", False, f["evil"], {"model": f["evil"]}
+    )
+    f["eviladapter"] = str(adapter)
+    (root / "spec-evil.json").write_text(json.dumps({**spec_to_dict(load_spec("story")), "base_model": f["evil"]}))
+    f["evilspec"] = str(root / "spec-evil.json")
+    assert (
+        _run(["export", "vector", "--bank", str(run), "--vector", "0", "--out", str(root / "vector.safetensors")]) == 0
+    )
+    f["vector"] = str(root / "vector.safetensors")
     yield f
     if os.geteuid() == 0:
         subprocess.run(["chattr", "-i", str(ro)], capture_output=True, check=False)
@@ -286,10 +314,29 @@ T = [
 ]
 TD = [a for i, a in enumerate(T) if a != "--steps" and T[i - 1] != "--steps"]  # DCT has no steps
 CASES: list[tuple[str, list[str], str]] = []
+# CLASS: the harm a case's bad input did (or would do) without its check, for the cases of these four classes
+# (test_every_subcommand_has_each_class wants each class for every subcommand where it applies):
+#   a  code execution: a model folder (or the model a bank, adapter, spec or planted folder names) that needs
+#      custom code (config.json auto_map -> evil.py); evil.py writes files["sentinel"] when imported
+#   b  data loss: writing over a user's file or folder, an earlier result, or one of the command's own inputs
+#   c  a silent wrong result: exit code 0 and a wrong or empty result
+#   d  a traceback
+# WRITES: cases that fail after writing what succeeded (exit 2 all the same).
+CLASS: dict[str, str] = {}
+WRITES: set[str] = set()
 
 
 def case(cid: str, argv: list[str], pattern: str) -> None:
     CASES.append((cid, argv, pattern))
+
+
+def bug(kind: str, cid: str, argv: list[str], pattern: str, writes: bool = False) -> None:
+    """A case of class ``kind`` (a, b, c or d: see CLASS)."""
+    assert kind in "abcd" and len(kind) == 1, kind
+    case(cid, argv, pattern)
+    CLASS[cid] = kind
+    if writes:
+        WRITES.add(cid)
 
 
 def train(cid: str, extra: list[str], pattern: str, base: list[str] = T) -> None:
@@ -453,7 +500,7 @@ train("train-model-bad-hub-id", ["--model", "not a hub id!"], r"not a Hub id of 
 train("train-out-file", ["--out", "{afile}"], r"--out '.*afile' is a file, not a folder")
 train("train-out-under-file", ["--out", "{afile}/sub"], r"is a file, not a folder")
 train("train-out-readonly", ["--out", "{readonly}/run"], r"cannot be written: .*readonly' is read-only")
-train("train-out-existing-run", ["--out", "{bank}"], r"already holds a run; pass --resume")
+bug("b", "train-out-existing-run", T[:-1] + ["{bank}"], r"already holds a run; pass --resume")
 train("train-resume-nothing", ["--resume"], r"--resume: no bank.safetensors in")
 train(
     "train-resume-other-settings",
@@ -657,7 +704,7 @@ case("plant-steps-0", ["plant", "--out", "{out}", "--steps", "0"], r"steps 0 is 
 case("plant-noise", PL + ["--noise", "-1"], r"noise.residual_std = -1.0 is not allowed")
 case("plant-device", PL + ["--device", "tpu"], r"device 'tpu' is not a torch device|not supported")
 case("plant-device-cuda", PL + ["--device", "cuda"], r"CUDA is not available")
-case("plant-out-nonempty", PL[:2] + ["{nonempty}", "--steps", "1"], r"exists and is not an empty folder")
+bug("b", "plant-out-nonempty", PL[:2] + ["{nonempty}", "--steps", "1"], r"exists and is not an empty folder")
 case("plant-out-file", ["plant", "--out", "{afile}", "--steps", "1"], r"is a file, not a folder")
 
 B = ["bench", "backdoor", "--model", "{planted}", "--num-vectors", "1", "--steps", "1", "--out", "{out}"]
@@ -721,29 +768,71 @@ case("demo-part", ["demo", "--part", "some"], r"Invalid value for '--part'")
 # The output rule (melbo.core.outputs): no command writes over a file it did not write, nor over its own input.
 NOT_MINE = r"holds no earlier `melbo {}` output"
 OWN_INPUT = r"would write over .*bank.safetensors', the bank \(--bank\) of this command; melbo never writes over"
-case("out-train-users-folder", T[:-1] + ["{mine}"], NOT_MINE.format("train"))
-case("out-train-users-folder-overwrite", T[:-1] + ["{mine}", "--overwrite"], NOT_MINE.format("train"))
-case("out-ortho-users-folder", OR[:-1] + ["{mine}"], NOT_MINE.format("train"))
-case("out-plot-users-folder", P[:-1] + ["{mine}"], NOT_MINE.format("plot"))
-case("out-calibrate-json-exists", C + ["--json", "{afile}"], r"--json '.*afile' already exists; pass --overwrite")
-case("out-report-over-bank", ["report", "{bank}", "--out", "{bank}/bank.safetensors", "--overwrite"], r"never writes")
-case("out-report-exists", ["report", "{bank}", "--out", "{afile}"], r"already exists; pass --overwrite")
+bug("b", "out-train-users-folder", T[:-1] + ["{mine}"], NOT_MINE.format("train"))
+bug("b", "out-train-users-folder-overwrite", T[:-1] + ["{mine}", "--overwrite"], NOT_MINE.format("train"))
+bug("b", "out-ortho-users-folder", OR[:-1] + ["{mine}"], NOT_MINE.format("train"))
+bug("b", "out-plot-users-folder", P[:-1] + ["{mine}"], NOT_MINE.format("plot"))
+bug("b", "out-calibrate-json-exists", C + ["--json", "{afile}"], r"--json '.*afile' already exists; pass --overwrite")
+bug(
+    "b",
+    "out-report-over-bank",
+    ["report", "{bank}", "--out", "{bank}/bank.safetensors", "--overwrite"],
+    r"never writes",
+)
+bug("b", "out-report-exists", ["report", "{bank}", "--out", "{afile}"], r"already exists; pass --overwrite")
 EX = ["export", "vector", "--bank", "{bank}", "--vector", "0", "--out", "{bank}/bank.safetensors"]
-case("out-export-vector-over-bank", EX + ["--overwrite"], OWN_INPUT)
+bug("b", "out-export-vector-over-bank", EX + ["--overwrite"], OWN_INPUT)
 EG = ["export", "gguf", "--bank", "{bank}", "--vectors", "0", "--out", "{badgguf}"]
-case("out-export-gguf-exists", EG, r"bad.gguf' already exists; pass --overwrite")
-case("out-chat-over-bank", ["chat", "--bank", "{bank}", "--transcript", "{bank}/bank.safetensors"], OWN_INPUT)
+bug("b", "out-export-gguf-exists", EG, r"bad.gguf' already exists; pass --overwrite")
+bug("b", "out-chat-over-bank", ["chat", "--bank", "{bank}", "--transcript", "{bank}/bank.safetensors"], OWN_INPUT)
 DT = ["detect", "--bank", "{bank}", "--prompt", "Hi", "--reference-file", "{blank}", "--out"]
-case("out-detect-over-bank", DT + ["{bank}/bank.safetensors", "--overwrite"], OWN_INPUT)
-case("out-detect-exists", DT + ["{afile}"], r"already exists; pass --overwrite")
+bug("b", "out-detect-over-bank", DT + ["{bank}/bank.safetensors", "--overwrite"], OWN_INPUT)
+bug("b", "out-detect-exists", DT + ["{afile}"], r"already exists; pass --overwrite")
 SW = ["sweep", "--model", "{model}", "--grid", "radius=2", "--prompt", "Hi", "--local", "--out", "{mine}"]
-case("out-sweep-users-folder", SW, NOT_MINE.format("sweep"))
-case("out-bench-earlier", B[:-1] + ["{oldbench}"], r"earlier `melbo bench backdoor` output; pass --overwrite")
-case("out-capability-earlier", CAP[:-1] + ["{oldcapability}"], r"`melbo bench capability` output; pass --overwrite")
+bug("b", "out-sweep-users-folder", SW, NOT_MINE.format("sweep"))
+bug("b", "out-bench-earlier", B[:-1] + ["{oldbench}"], r"earlier `melbo bench backdoor` output; pass --overwrite")
+bug("b", "out-capability-earlier", CAP[:-1] + ["{oldcapability}"], r"`melbo bench capability` output; pass --overwrite")
 BD = ["bench", "detect", "--model", "{planted}", "--out", "{olddetect}"]
-case("out-bench-detect-earlier", BD, r"earlier `melbo bench detect` output; pass --overwrite")
-case("out-plant-users-folder", PL[:2] + ["{nonempty}", "--overwrite"], NOT_MINE.format("plant"))
-case("out-demo-users-folder", ["demo", "--out", "{mine}", "--part", "planted"], NOT_MINE.format("demo"))
+bug("b", "out-bench-detect-earlier", BD, r"earlier `melbo bench detect` output; pass --overwrite")
+bug("b", "out-plant-users-folder", PL[:2] + ["{nonempty}", "--overwrite"], NOT_MINE.format("plant"))
+bug("b", "out-demo-users-folder", ["demo", "--out", "{mine}", "--part", "planted"], NOT_MINE.format("demo"))
+JI = ["judge", "--input", "{judgerows}", "--out"]
+bug(
+    "b",
+    "out-judge-over-input",
+    JI + ["{judgerows}", "--overwrite"],
+    r"rows.jsonl', the rows \(--input\) of this command",
+)
+bug("b", "out-judge-exists", JI + ["{afile}"], r"afile' already exists; pass --overwrite")
+
+# ---------------------------------------------------------------- custom code (a): models are data
+# Every command that loads a model, given a folder that needs custom code (or a bank, adapter, spec or planted
+# folder that names one): refused before transformers could import evil.py (the test checks the sentinel).
+CODE = (
+    r"'.*evil\w*' needs custom code \(config.json auto_map AutoModelForCausalLM -> evil.EvilModel\); melbo never runs"
+)
+EVIL = "model folder " + CODE
+bug("a", "a-train-custom-code", T[:2] + ["{evil}"] + T[3:], EVIL)
+bug("a", "a-generate-bank-custom-code", ["generate", "--bank", "{evilbank}", "--prompt", "Hi"], EVIL)
+bug("a", "a-generate-model-custom-code", G + ["--model", "{evil}"], EVIL)
+bug("a", "a-generate-adapter-custom-code", ["generate", "--adapter", "{eviladapter}", "--prompt", "Hi"], EVIL)
+bug("a", "a-chat-custom-code", ["chat", "--bank", "{evilbank}", "--transcript", "{out}.jsonl"], EVIL)
+bug("a", "a-ortho-bank-custom-code", OR[:2] + ["{evilbank}"] + OR[3:], EVIL)
+VF = ["ortho", "--vector-file", "{vector}", "--model", "{evil}", "--prompt", "Hi", "--steps", "1", "--out", "{out}"]
+bug("a", "a-ortho-vector-file-custom-code", VF, EVIL)
+bug("a", "a-plot-custom-code", ["plot", "--bank", "{evilbank}", "--out", "{out}"], EVIL)
+bug("a", "a-calibrate-custom-code", C[:2] + ["{evil}"] + C[3:], EVIL)
+DC = ["detect", "--prompt", "Hi", "--reference-file", "{clean}", "--bank"]
+bug("a", "a-detect-bank-custom-code", DC + ["{evilbank}"], EVIL)
+bug("a", "a-detect-model-custom-code", DC + ["{bank}", "--model", "{evil}"], EVIL)
+bug("a", "a-bench-custom-code", B[:3] + ["{evilplanted}"] + B[4:], EVIL)
+bug("a", "a-capability-custom-code", CAP[:3] + ["{evil}"] + CAP[4:], EVIL)
+bug("a", "a-bench-detect-custom-code", ["bench", "detect", "--model", "{evilplanted}", "--out", "{out}"], EVIL)
+SC = ["sweep", "--model", "{evil}", "--grid", "radius=2", "--prompt", "Hi", "--local", "--out", "{out}"]
+bug("a", "a-sweep-custom-code", SC, EVIL)
+bug("a", "a-plant-custom-code", ["plant", "--spec", "{evilspec}", "--steps", "1", "--out", "{out}"], EVIL)
+bug("a", "a-judge-model-custom-code", JI + ["{out}.jsonl", "--model", "{evil}"], EVIL)
+bug("a", "a-judge-embedder-custom-code", JI + ["{out}.jsonl", "--embedder", "{evil}"], "sentence-embedding " + EVIL)
 
 # ---------------------------------------------------------------- broken model files, non-UTF-8 argv, wrong-type JSON
 UNREADABLE = r"weights file 'model.safetensors' is not a readable safetensors file \(.+\); an interrupted download"
@@ -779,19 +868,7 @@ case(
 
 # ---------------------------------------------------------------- silent wrong results (c) and tracebacks (d)
 # Each case of this part ended, before its fix, with exit code 0 and a wrong or empty result (class c) or with a
-# traceback (class d); CLASS records which, and test_every_subcommand_has_each_class wants both for every
-# subcommand where the class applies. WRITES: cases that fail after writing what succeeded (exit 2 all the same).
-CLASS: dict[str, str] = {}
-WRITES: set[str] = set()
-
-
-def bug(kind: str, cid: str, argv: list[str], pattern: str, writes: bool = False) -> None:
-    case(cid, argv, pattern)
-    CLASS[cid] = kind
-    if writes:
-        WRITES.add(cid)
-
-
+# traceback (class d).
 PAST = r"needs \d+ tokens.* positions, but the model reads at most 128 \(max_position_embeddings\)"
 EMPTY = r"holds no perturbations \(0 rows\)"
 META = r"device 'meta' cannot run a model here"
@@ -901,6 +978,11 @@ def test_the_catalog_has_at_least_200_cases():
 
 # Where a class does not apply to a subcommand, and why.
 NOT_APPLICABLE = {
+    ("demo", "a"): "demo takes no model: it loads the models shipped with melbo (planted fixtures, gemma-3-270m)",
+    ("export gguf", "a"): "export reads a bank and writes a file; it loads no model",
+    ("export vector", "a"): "export reads a bank and writes a file; it loads no model",
+    ("report", "a"): "report loads no model (its embedder: test_report_never_runs_an_embedders_code)",
+    ("generate", "b"): "generate prints its completions; it writes no file",
     ("plant", "c"): "plant judges the model it trained against its spec's thresholds and exits 2 when it misses them",
     ("export vector", "d"): "it writes one row of a checked bank, chosen by an integer; no input found that crashed it",
 }
@@ -925,8 +1007,26 @@ def test_every_subcommand_is_in_the_catalog():
 
 def test_every_subcommand_has_each_class():
     have = {(_command(argv), CLASS[cid]) for cid, argv, _ in CASES if cid in CLASS}
-    missing = [(c, k) for c in _subcommands() for k in "cd" if (c, k) not in have and (c, k) not in NOT_APPLICABLE]
-    assert not missing, f"subcommands without a case of class (c) silent wrong result / (d) traceback: {missing}"
+    missing = [(c, k) for c in _subcommands() for k in "abcd" if (c, k) not in have and (c, k) not in NOT_APPLICABLE]
+    classes = "(a) code execution, (b) data loss, (c) silent wrong result, (d) traceback"
+    assert not missing, f"subcommands without a case of each class {classes}: {missing}"
+    assert not [k for k in NOT_APPLICABLE if k in have], "a class marked not applicable has cases"
+
+
+def test_each_custom_code_case_names_a_folder_with_custom_code():
+    for cid, argv, pattern in CASES:
+        if CLASS.get(cid) == "a":
+            assert any(a in ("{evil}", "{evilbank}", "{evilplanted}", "{eviladapter}", "{evilspec}") for a in argv), cid
+            assert "needs custom code" in pattern, cid
+
+
+def test_report_never_runs_an_embedders_code(files, tmp_path, capsys, monkeypatch):
+    """report's one model is the sentence embedder (MELBO_EMBEDDER): one that needs custom code is refused and the
+    report falls back to character similarity."""
+    monkeypatch.setenv("MELBO_EMBEDDER", files["evil"])
+    assert _run(["report", files["bank"], "--out", str(tmp_path / "r.html")]) == 0, capsys.readouterr().err[-2000:]
+    assert not Path(files["sentinel"]).exists(), "melbo report ran the embedder's code"
+    assert "character similarity" in (tmp_path / "r.html").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("cid, argv, pattern", CASES, ids=[c[0] for c in CASES])
@@ -941,6 +1041,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(files, tmp_path, capsys, 
     before = sorted(p.name for p in tmp_path.iterdir())
     code = _run(argv)
     err = capsys.readouterr().err
+    assert not Path(files["sentinel"]).exists(), f"{cid} ran the code of a model folder"  # class a; any case
     assert code == 2, (code, err[-2000:])
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]

@@ -77,6 +77,7 @@ def test_run_folder_holds_bank_completions_summary(tmp_path):
     out = tmp_path / "run"
     bank = tiny_run(out, PROMPT, num_vectors=2, lm=lm)
     names = {p.name for p in out.iterdir()}
+    counted = "skipped" not in bank.evaluation["behaviors"]  # distinct behaviors need the embedder
     assert names == {
         "bank.safetensors",
         "completions.jsonl",
@@ -85,6 +86,7 @@ def test_run_folder_holds_bank_completions_summary(tmp_path):
         "report.html",
         "kl.png",
         ".melbo-run.json",  # the marker: this folder holds a `train` run (melbo.core.outputs)
+        *(("enumeration.png", "frontier.png") if counted else ()),
     }
     rows = [json.loads(line) for line in (out / "completions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {(r["kind"], r["split"]) for r in rows} == {

@@ -69,6 +69,15 @@ def test_local_sweep_resumes_and_refuses_another_grid(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     local = json.loads((out / "sweep.json").read_text(encoding="utf-8"))
     assert same_table(local) == same_table(rows)
+    # the behavior judge's counts of each setting are those of its completions.jsonl
+    comp = [json.loads(x) for x in (out / "00" / "run" / "completions.jsonl").read_text(encoding="utf-8").splitlines()]
+    for kind in ("learned", "random"):
+        labels = [r["label"] for r in comp if r["kind"] == kind and r["split"] == "train"]
+        assert rows[0][kind]["labels"] == {k: labels.count(k) for k in ("new", "degenerate", "unchanged")}
+    table = (out / "sweep.md").read_text(encoding="utf-8")
+    assert "| learned new | learned degenerate |" in table
+    new, deg = rows[0]["learned"]["labels"]["new"], rows[0]["learned"]["labels"]["degenerate"]
+    assert f"| {new}/3 | {deg}/3 | {rows[0]['learned']['changed']} |" in table
 
 
 def test_ray_sweep_survives_a_killed_worker_and_matches_in_process(tmp_path):

@@ -9,6 +9,7 @@ import click
 from melbo.capability import Task, run_capability
 from melbo.cli.common import given, model_inputs, model_options, open_model
 from melbo.core.outputs import claim_folder
+from melbo.eval.labels import counts_text
 from melbo.methods.registry import STANDALONE_METHODS
 
 
@@ -85,4 +86,6 @@ def capability(
     click.echo(
         "random vectors, best first:  " + ", ".join(f"{100 * a:.0f}%" for a in sorted(rep["random"], reverse=True))
     )
+    jl = rep["judge_labels"]
+    click.echo(f"behavior judge: learned {counts_text(jl['learned'])}; random {counts_text(jl['random'])}")
     click.echo(f"results: {out}/capability.md")

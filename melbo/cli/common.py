@@ -14,6 +14,7 @@ from melbo.core.generate import GenerationConfig
 from melbo.core.hooks import STEER_POSITIONS
 from melbo.core.io import read_json, read_text
 from melbo.core.models import LoadedModel, load_model
+from melbo.eval.labels import counts_text
 from melbo.report.summary import share
 
 
@@ -209,8 +210,10 @@ def print_run(bank: Bank) -> None:
     if ev:
         L, R = ev["learned"], ev["random"]
         for name, x in (("learned", L), ("random ", R)):
+            labels = x.get("labels_train")
+            judged = f"judge (training completions): {counts_text(labels)}; " if labels else ""
             click.echo(
-                f"{name}: {x['changed_train']}/{x['n']} change the greedy completion; coherent "
+                f"{name}: {judged}{x['changed_train']}/{x['n']} change the greedy completion; coherent "
                 f"{share(x.get('coherent_train'))}, coherent and different from unsteered "
                 f"{share(x.get('coherent_and_different_train'))}; mean objective {x['mean_objective']:.4g}"
             )

@@ -4,7 +4,8 @@ The model is google/gemma-3-270m from the offline package ``gemma3-270m-q4-k-m-g
 by ``bash setup.sh``, extra ``real``); without it, tinystories-656k from ``../shared/models``.
 The demo sweeps R (:mod:`melbo.methods.radius_sweep`, small and fast), prints the curve and the R
 it chose and why, trains a few vectors there, and prints each steered completion beside the
-unsteered one and a random vector's at the same R.
+unsteered one and a random vector's at the same R, each with the behavior judge's label (new,
+degenerate or unchanged, :mod:`melbo.eval.judge`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
 from melbo.core.models import load_model
 from melbo.core.sources import offline_model_path
+from melbo.eval.labels import counts_text
 from melbo.report.summary import sweep_table
 from melbo.run import train
 
@@ -98,9 +100,18 @@ def real_model_demo(
     )
     ev = bank.evaluation
     if ev:
+        labels = ev.get("labels") or {}
+
+        def tag(kind: str, v: int) -> str:  # the behavior judge's label of the completion of the prompt
+            found = labels.get(kind) or []
+            return f"[{found[v][0]}]" if v < len(found) and found[v] else "[-]"
+
         echo(f"   unsteered: {' '.join(ev['unsteered'][0].split())[:110]}")
         for v, (lc, rc) in enumerate(zip(ev["completions"]["learned"], ev["completions"]["random"])):
-            echo(f"   vector {v}: {' '.join(lc[0].split())[:110]}")
-            echo(f"   random {v}: {' '.join(rc[0].split())[:110]}")
+            echo(f"   vector {v} {tag('learned', v):<12} {' '.join(lc[0].split())[:110]}")
+            echo(f"   random {v} {tag('random', v):<12} {' '.join(rc[0].split())[:110]}")
+        for kind in ("learned", "random"):
+            if ev[kind].get("labels_train"):
+                echo(f"   {kind}: {counts_text(ev[kind]['labels_train'])} (the behavior judge, melbo.eval.judge)")
     echo(f"   ({time.perf_counter() - t0:.0f} s in all; the run folder is {run_dir})")
     return bank

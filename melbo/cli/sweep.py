@@ -6,6 +6,7 @@ import click
 
 from melbo.cli.common import check_rows, given, model_inputs, prompt_options, read_prompts
 from melbo.core.errors import MelboError
+from melbo.core.model_files import check_model_folder
 from melbo.core.outputs import claim_folder
 from melbo.sweep import read_grid, run_sweep, sweep_markdown
 
@@ -55,6 +56,7 @@ def sweep(
     Exit code 2 when any setting failed (the table still holds the others)."""
     if (grid is None) == (grid_file is None):
         raise MelboError("give exactly one of --grid (inline) and --grid-file (JSON or TOML)")
+    check_model_folder(model)  # custom code, broken weights: refused before the sweep folder is written
     inputs = [*model_inputs(model, prompts_file), ("the grid file (--grid-file)", grid_file)]
     claim_folder(out, "sweep", inputs=inputs)  # new, empty or a sweep's (rerun to resume); never over an input
     base = {"num_vectors": num_vectors, **given(ctx, steps="steps")}

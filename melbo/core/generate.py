@@ -7,8 +7,8 @@ unsteered model), so one ``generate`` call serves many vectors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +106,31 @@ def check_fits(lm: LoadedModel, prompts: list[str], cfg: GenerationConfig) -> No
     check_length(tok, prompts, lengths, cfg.max_new_tokens)
 
 
+@contextmanager
+def contiguous_head(model: torch.nn.Module) -> Iterator[None]:
+    """Inside it, the LM head receives contiguous hidden states. ``generate``'s first step passes the
+    last position's slice ``[rows, 1, d_model]`` of the prompt's hidden states, a view that
+    ``torch.matmul`` cannot fold into one matrix product; it then runs a batched product against
+    the weight repeated per row (measured on gemma-3-270m, 37 rows, vocabulary 262144: 2.3 s of a
+    7.2 s generation, where the contiguous copy takes one 0.3 s product). Same values, up to the
+    float rounding of another kernel."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        yield
+        return
+
+    def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
+        if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+            return (args[0].contiguous(), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def generate_rows(
     lm: LoadedModel,
     prompts: list[str],
@@ -145,7 +170,7 @@ def generate_rows(
                 torch.manual_seed(cfg.seed + start)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            with torch.no_grad(), apply([v for v, _ in chunk]):
+            with torch.no_grad(), apply([v for v, _ in chunk]), contiguous_head(lm.model):
                 gen = lm.model.generate(**enc, **kwargs)
             new = gen[:, enc["input_ids"].shape[1] :]
             for (v, i), ids in zip(chunk, new):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from melbo._version import __version__
 from melbo.core.errors import MelboError
-from melbo.core.io import check_writable, make_dir, read_json, write_json
+from melbo.core.io import check_writable, make_dir, read_json, remove_stale_temps, write_json
 
 MARKER = ".melbo-run.json"
 HIDDEN = ".melbo-"  # melbo's own hidden names: the marker, temporary files, write probes
@@ -208,9 +208,11 @@ class OutputFolder:
         return self.state == "own"
 
     def prepare(self) -> Path:
-        """Create the folder; the first time, with ``overwrite`` over an earlier output of the
-        command, remove the entries the command writes (no other file); write the marker (not in
-        another command's folder). Returns the path.
+        """Create the folder and, the first time: remove melbo's temporary files that a killed write
+        left there (:func:`melbo.core.io.remove_stale_temps`); with ``overwrite`` over an earlier
+        output of the command, remove the entries the command writes (no other file); write the
+        marker. Neither temporary files nor the marker are touched in another command's folder.
+        Returns the path.
 
         Raises:
             MelboError: the folder cannot be created or written.
@@ -218,6 +220,8 @@ class OutputFolder:
         make_dir(self.path, "output folder")
         if self._prepared:
             return self.path
+        if self.state != "melbo":  # another command's folder may be in use by that command
+            remove_stale_temps(self.path)  # a killed earlier write (of the marker too) leaves only these
         writer = _writer(self.command)
         if self.own and self.overwrite and not writer.whole:
             for e in _entries(self.path):

@@ -22,8 +22,9 @@ on a fluency/novelty plane with its Pareto frontier.
   ``E[distinct(k)] = Σ_b (1 − C(N − m_b, k) / C(N, k))``.
 - **Frontier** (:func:`pareto_front`): per perturbation, fluency = 1 − the judge's mean
   ``degenerate`` score over its completions and novelty = the mean embedding cosine distance of its
-  completions to the unsteered completion of the same prompt; a point is on the frontier when no
-  other point is at least as fluent and as novel and strictly better in one.
+  completions to the unsteered completion of the same prompt (both rounded to 6 decimals); a
+  point is on the frontier when no other point is at least as fluent and as novel and strictly
+  better in one.
 
 :func:`run_behaviors` does all of it for a run folder (``completions.jsonl``, ``controls.jsonl``)
 and writes ``enumeration.png`` and ``frontier.png``.
@@ -281,12 +282,12 @@ def find_behaviors(
             "distinct": len(found),
             "shared": len(found & (hit_by_others if g == "learned" else learned_hit)),
         }
-    points = [
+    points = [  # rounded: float noise (1e-7 for identical texts) must not make a point dominate
         {
             "group": g,
             "index": i,
-            "fluency": float(np.mean([1 - labels[j][1] for j in js])),
-            "novelty": float(np.mean([novelty[j] for j in js])),
+            "fluency": round(float(np.mean([1 - labels[j][1] for j in js])), 6),
+            "novelty": round(float(np.mean([novelty[j] for j in js])), 6),
         }
         for (g, i), js in per.items()
     ]
@@ -308,11 +309,20 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in read_text(path, path.name).splitlines() if line.strip()]
 
 
+def _item(group: str, index: Any, r: dict) -> dict:
+    item = {"group": group, "index": index, "prompt": r["prompt"], "completion": r["completion"]}
+    scores = r.get("scores")
+    if r.get("label") in ("new", "degenerate", "unchanged") and isinstance(scores, dict) and "degenerate" in scores:
+        item["stored"] = (r["label"], float(scores["degenerate"]))  # the judge's label, kept by the run
+    return item
+
+
 def run_items(folder: str | os.PathLike) -> list[dict]:
-    """The completions of a run folder as :func:`find_behaviors` items: the learned ones and the
-    random baseline (group ``random``) of ``completions.jsonl``, and every control's of
-    ``controls.jsonl`` when there is one (the random baseline is left out when the controls hold
-    ``random-vectors``, the same directions).
+    """The completions of a run folder as :func:`find_behaviors` items: the learned ones of
+    ``completions.jsonl`` and every control's of ``controls.jsonl`` when the run has controls
+    (the random baseline of ``completions.jsonl`` is left out: it is the ``random-vectors``
+    control). Rows that carry the judge's ``label`` and ``scores`` keep them as ``stored``:
+    ``(label, degenerate score)``.
 
     Raises:
         MelboError: no ``completions.jsonl``, or a file that is not JSON lines.
@@ -324,18 +334,14 @@ def run_items(folder: str | os.PathLike) -> list[dict]:
     except json.JSONDecodeError as e:
         raise MelboError(f"{str(folder)!r}: a completions file that is not JSON lines ({e.msg})") from None
     base = {r["prompt"]: r["completion"] for r in rows if r["kind"] == "unsteered"}
-    skip_random = any(r["control"] == "random-vectors" for r in ctl)
-    items = [
-        {"group": r["kind"], "index": r["vector"], "prompt": r["prompt"], "completion": r["completion"]}
-        for r in rows
-        if r["kind"] == "learned" or (r["kind"] == "random" and not skip_random)
-    ]
-    items += [
-        {"group": r["control"], "index": r["sample"], "prompt": r["prompt"], "completion": r["completion"]}
-        for r in ctl
-        if r["prompt"] in base
-    ]
+    items = [_item("learned", r["vector"], r) for r in rows if r["kind"] == "learned"]
+    items += [_item(r["control"], r["sample"], r) for r in ctl]
     return [dict(it, unsteered=base[it["prompt"]]) for it in items if it["prompt"] in base]
+
+
+def stored_labels(rows: list[dict]) -> list[tuple[str, float]]:
+    """A :data:`Labeller` that reads the ``stored`` judge labels of :func:`run_items` items."""
+    return [r["stored"] for r in rows]
 
 
 def run_behaviors(
@@ -346,7 +352,8 @@ def run_behaviors(
 
     Args:
         lm: the unsteered model, for the judge's log-probability criteria (None: text only).
-        labeller: default :func:`judge_labeller` of ``lm``.
+        labeller: default: the judge's labels the run's files carry (:func:`stored_labels`; no
+            model call), else :func:`judge_labeller` of ``lm``.
 
     Returns:
         the result of :func:`find_behaviors` with ``labeller`` and ``embedder`` added, or
@@ -357,8 +364,12 @@ def run_behaviors(
         embed(["probe"], path)  # loads the model once (cached): a missing or broken one skips the count
     except MelboError as e:
         return {"skipped": str(e)}
-    result = find_behaviors(run_items(folder), labeller or judge_labeller(lm, chat), path)
-    result["labeller"] = "the behavior judge (melbo.eval.judge)" if labeller is None else "a caller's labeller"
+    items = run_items(folder)
+    how = "a caller's labeller" if labeller else "the behavior judge (melbo.eval.judge)"
+    if labeller is None and items and all("stored" in it for it in items):
+        labeller, how = stored_labels, "the behavior judge's labels stored in the run's completion files"
+    result = find_behaviors(items, labeller or judge_labeller(lm, chat), path)
+    result["labeller"] = how
     result["embedder"] = Path(path).name
     plot_enumeration(Path(folder) / "enumeration.png", result["curves"])
     plot_frontier(Path(folder) / "frontier.png", result["points"])

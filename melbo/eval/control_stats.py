@@ -2,9 +2,10 @@
 one-sided Fisher exact test, and the learned-vs-controls table of the reports.
 
 A *predicate* labels completions in a batch: it takes :class:`Completion` rows (prompt, completion,
-the unsteered completion of that prompt) and returns one bool per row. :func:`changed` and
-:func:`coherent_and_different` use the flags of ``completions.jsonl``
-(:mod:`melbo.report.completions`, :mod:`melbo.quality`); a judge can replace them.
+the unsteered completion of that prompt) and returns one bool per row. The runs' panel uses
+:func:`judge_new` (the behavior judge, :mod:`melbo.eval.judge`, labels the completion ``new``);
+:func:`changed` and :func:`coherent_and_different` are the older flags of ``completions.jsonl``
+(:mod:`melbo.quality`; the latter counts a digit loop as coherent).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from melbo.core.errors import MelboError
 from melbo.core.models import LoadedModel
 from melbo.core.validate import check_int
 from melbo.embed import distance_to, embed
+from melbo.eval.judge import judge
+from melbo.eval.labels import HIT, ORDER
 from melbo.quality import DIFFERENT, is_coherent, token_logprobs
 
 TEST = (
@@ -81,13 +84,26 @@ def coherent_and_different(lm: LoadedModel, chat: bool = False, embedder: str | 
     return Labelled("coherent and different", predicate)
 
 
-def default_predicate(lm: LoadedModel, chat: bool = False) -> Predicate:
-    """:func:`coherent_and_different` when a sentence-embedding model is installed, else :func:`changed`."""
-    try:
-        embed(["probe"])
-    except MelboError:
-        return changed
-    return coherent_and_different(lm, chat)
+def judge_new(lm: LoadedModel | None = None, chat: bool = False, embedder: str | None = None) -> Predicate:
+    """A predicate: hit when the behavior judge (:func:`melbo.eval.judge.judge`, with the unsteered
+    ``lm`` for its log-probability criteria; None: text only) labels the completion ``new`` against
+    the unsteered completion of its prompt; all rows in one judge call. The default of the runs'
+    controls panel.
+
+    Raises:
+        MelboError: (when called) a named ``embedder`` that cannot be loaded.
+    """
+
+    def predicate(rows: list[Completion]) -> list[bool]:
+        judged = judge(
+            [{"prompt": r.prompt, "unsteered": r.unsteered, "completion": r.completion} for r in rows],
+            lm=lm,
+            embedder=embedder,
+            chat=chat,
+        )
+        return [j["label"] == "new" for j in judged]
+
+    return Labelled(HIT, predicate)
 
 
 def predicate_label(predicate: Predicate) -> str:
@@ -159,6 +175,7 @@ def controls_markdown(result: dict) -> list[str]:
     desc = result.get("descriptions") or {}
     n_ctl = max(1, len(rows) - 1)
     scaled = ", at each scale of the learned ones; sizes below at scale 1" if result.get("scales") else ""
+    labelled = all("labels" in r for r in rows)
     lines = [
         "",
         "## Learned vs controls",
@@ -168,13 +185,16 @@ def controls_markdown(result: dict) -> list[str]:
         f"{result.get('seed', '?')}); p: {TEST}. Several controls are tested: against all {n_ctl} at once, "
         f"compare p with {0.05 / n_ctl:.3g} (Bonferroni at 0.05).",
         "",
-        "| group | what | hits / n | rate |" + (" recall |" if recall else "") + " Fisher p (learned > control) |",
-        "|---|---|---|---|" + ("---|" if recall else "") + "---|",
+        "| group | what | hits / n | rate |"
+        + (" recall |" if recall else "")
+        + (" judge: new / degenerate / unchanged |" if labelled else "")
+        + " Fisher p (learned > control) |",
+        "|---|---|---|---|" + ("---|" if recall else "") + ("---|" if labelled else "") + "---|",
     ]
     for r in rows:
         p = "" if r["p_value"] is None else f"{r['p_value']:.3g}"
         rec = f" {100 * r['recall']:.0f}% |" if recall and r.get("recall") is not None else (" - |" if recall else "")
-        lines.append(
-            f"| {r['group']} | {desc.get(r['group'], '')} | {r['hits']}/{r['n']} | {100 * r['rate']:.0f}% |{rec} {p} |"
-        )
+        lab = (" " + " / ".join(str(r["labels"].get(k, 0)) for k in ORDER) + " |") if labelled else ""
+        group = f"| {r['group']} | {desc.get(r['group'], '')} |"
+        lines.append(f"{group} {r['hits']}/{r['n']} | {100 * r['rate']:.0f}% |{rec}{lab} {p} |")
     return lines

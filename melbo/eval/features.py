@@ -51,7 +51,7 @@ _WORDS = re.compile(r"\w+", re.UNICODE)
 _NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 _ROLE = re.compile(r"^\s*\w{1,12}:\s*")
 _EDGE = ".,;:!?\"'()[]{}<>*`"
-_ODD = re.compile(r"[^\W\d_]\d|\d[^\W\d_]|[^\w'\-’]")
+_ODD = re.compile(r"[^\W\d_]\d|\d[^\W\d_]")
 _SCRIPT_ALIASES = {"HIRAGANA": "CJK", "KATAKANA": "CJK", "FULLWIDTH": "LATIN", "HALFWIDTH": "CJK"}
 
 
@@ -134,9 +134,9 @@ def longest_char_run(text: str) -> int:
 def odd_word_share(text: str) -> float:
     """Share of the words (whitespace-separated chunks with a letter, surrounding punctuation
     stripped, 2+ characters) that no fluent text writes often: a lower-to-upper case change inside
-    (fused tokens, ``suchenichtlichVIEWS``), a letter next to a digit (``0HOMIm``), 16 or more
-    characters, or a character other than a letter, digit, apostrophe or hyphen inside
-    (``[have>alculator``). 0 for no word."""
+    (fused tokens, ``suchenichtlichVIEWS``), a letter next to a digit (``0HOMIm``), or 16 or more
+    characters. Punctuation inside a word does not count: code writes ``fibonacci(n-1)``. 0 for no
+    word."""
     words = [w.strip(_EDGE) for w in text.split()]
     words = [w for w in words if len(w) >= 2 and any(c.isalpha() for c in w)]
     return sum(_odd(w) for w in words) / len(words) if words else 0.0

@@ -1,6 +1,6 @@
 """The control panel wired into runs and the backdoor benchmark: generate every control
 (:func:`melbo.eval.controls.run_controls`), label its completions with the same per-completion
-predicate as the learned ones, and build the learned-vs-controls table
+predicate as the learned ones (runs: the behavior judge's ``new``), and build the learned-vs-controls table
 (:func:`melbo.eval.control_stats.control_table`) that ``summary.md`` and ``bench.md`` print.
 """
 
@@ -16,15 +16,9 @@ from melbo.bank import Bank
 from melbo.core.generate import GenerationConfig, generate_rows
 from melbo.core.io import write_jsonl
 from melbo.core.validate import SEED_MAX, check_seed
-from melbo.eval.control_stats import (
-    TEST,
-    Predicate,
-    control_table,
-    default_predicate,
-    hits_of,
-    predicate_label,
-)
+from melbo.eval.control_stats import TEST, Predicate, control_table, hits_of, predicate_label
 from melbo.eval.controls import ControlSpec, describe_controls, parse_controls, run_controls
+from melbo.eval.labels import HIT, count_labels, judge_groups, row_fields
 
 CONTROLS_JSONL = "controls.jsonl"
 
@@ -47,16 +41,20 @@ def evaluate_controls(
         generation: the generation settings of the learned completions.
         controls: ``cheap``, ``all``, a comma list or a :class:`ControlSpec`.
         seed: the panel's seed.
-        predicate: labels completions (:mod:`melbo.eval.control_stats`; default
-            :func:`melbo.eval.control_stats.default_predicate`: coherent and different, or changed
-            without a sentence-embedding model). The unsteered reference of each prompt is
-            generated with ``generation``.
+        predicate: what counts as a hit (:mod:`melbo.eval.control_stats`); default: the behavior
+            judge labels the completion ``new`` (:func:`melbo.eval.control_stats.judge_new`; the
+            learned completions' labels are those of ``ev``, the same as ``completions.jsonl``).
+            Every completion is judged against the unsteered completion of its prompt in ``ev``
+            (``unsteered_all``; generated with ``generation`` when ``ev`` lacks it), all controls in
+            one judge call.
         out: folder for ``controls.jsonl`` (one row per control × prompt × sample: control,
-            sample, split, prompt, completion, hit); None writes nothing.
+            sample, split, prompt, completion, the judge's label and scores, hit); None writes
+            nothing.
 
     Returns:
-        ``{"predicate", "test", "seed", "budget", "prompts", "rows": control_table rows,
-        "descriptions": {control: text}}``.
+        ``{"predicate", "test", "seed", "budget", "prompts", "rows": control_table rows, each with
+        ``labels`` (the judge's new / degenerate / unchanged counts), "descriptions": {control:
+        text}}``.
 
     Raises:
         MelboError: bad or inapplicable control names (:func:`melbo.eval.controls.run_controls`).
@@ -66,11 +64,21 @@ def evaluate_controls(
     names = spec.for_kind(bank.kind)
     prompts, k = list(ev["prompts"]), int(ev["evaluated"])
     n_train = len(bank.meta.get("prompts", []))
-    pred = predicate or default_predicate(lm, generation.chat)
-    unsteered = generate_rows(lm, prompts, 1, lambda rows: nullcontext(), generation)[0]
+    unsteered = ev.get("unsteered_all") or generate_rows(lm, prompts, 1, lambda rows: nullcontext(), generation)[0]
     comps = run_controls(lm, bank, prompts, generation, spec, seed, k)
-    learned = hits_of(pred, prompts, unsteered, ev["completions"]["learned"])
-    hits = {name: hits_of(pred, prompts, unsteered, comps[name]) for name in names}
+    learned_labels = (ev.get("labels") or {}).get("learned")
+    groups = {name: comps[name] for name in names}
+    if learned_labels is None:
+        groups["learned"] = ev["completions"]["learned"]
+    judged = judge_groups(prompts, unsteered, groups, lm, generation.chat)
+    labels = {name: [[j["label"] for j in v] for v in judged[name]] for name in judged}
+    if learned_labels is not None:
+        labels["learned"] = learned_labels
+    if predicate is None:
+        hits = {g: [[lab == "new" for lab in v] for v in labels[g]] for g in ("learned", *names)}
+    else:
+        hits = {"learned": hits_of(predicate, prompts, unsteered, ev["completions"]["learned"])}
+        hits.update({name: hits_of(predicate, prompts, unsteered, comps[name]) for name in names})
     if out is not None:
         write_jsonl(
             Path(out) / CONTROLS_JSONL,
@@ -81,6 +89,7 @@ def evaluate_controls(
                     "split": "train" if i < n_train else "heldout",
                     "prompt": p,
                     "completion": comps[name][j][i],
+                    **row_fields(judged[name][j][i]),
                     "hit": hits[name][j][i],
                 }
                 for name in names
@@ -89,13 +98,16 @@ def evaluate_controls(
             ],
         )
     flat = {name: [h for row in hits[name] for h in row] for name in names}
+    rows = control_table([h for row in hits["learned"] for h in row], flat)
+    for row in rows:
+        row["labels"] = count_labels(lab for v in labels[row["group"]] for lab in v)
     return {
-        "predicate": predicate_label(pred),
+        "predicate": HIT if predicate is None else predicate_label(predicate),
         "test": TEST,
         "seed": seed,
         "budget": k,
         "prompts": len(prompts),
-        "rows": control_table([h for row in learned for h in row], flat),
+        "rows": rows,
         "descriptions": {"learned": f"{k} learned {bank.kind}s", **describe_controls(bank, names, k)},
     }
 

@@ -32,6 +32,7 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,8 @@ from melbo.core.slice import Slice
 from melbo.embed import distance_to, embed, mean_pairwise_distance
 from melbo.methods.base import Context
 from melbo.methods.registry import get_method
-from melbo.quality import DIFFERENT, is_coherent, token_logprobs
+from melbo.methods.sweep_batch import STACK, stacked_trials, stacks
+from melbo.quality import DIFFERENT, is_coherent, token_logprobs_batch
 from melbo.report.plot import plot_sweep
 
 SWEEP_FILE, SWEEP_PLOT = "radius_sweep.json", "radius_sweep.png"
@@ -83,11 +85,16 @@ def score_completions(
     base: list[str],
     chat: bool = False,
     embedder: str | None = None,
+    cache: dict[tuple[str, str], torch.Tensor] | None = None,
 ) -> dict[str, dict]:
     """Scores (:func:`group_scores`, averaged over prompts) of each group of completions:
-    ``groups[name][v][i]`` is perturbation ``v``'s completion of prompt ``i``."""
+    ``groups[name][v][i]`` is perturbation ``v``'s completion of prompt ``i``. ``cache`` keeps the
+    unsteered model's token log-probabilities of each ``(prompt, completion)`` across calls."""
     names = list(groups)
     flat = [c for name in names for comp in groups[name] for c in comp]
+    pairs = [(p, comp[i]) for name in names for comp in groups[name] for i, p in enumerate(prompts)]
+    logprobs = cache if cache is not None else {}
+    token_logprobs_batch(lm, pairs, chat, cache=logprobs)  # each distinct completion scored once, batched
     emb = embed(flat + base, embedder)
     out, k = {}, 0
     for name in names:
@@ -97,7 +104,7 @@ def score_completions(
         per = []
         for i, prompt in enumerate(prompts):
             texts = [comps[v][i] for v in range(len(comps))]
-            ok = [is_coherent(t, token_logprobs(lm, prompt, t, chat)) for t in texts]
+            ok = [is_coherent(t, logprobs[(prompt, t)]) for t in texts]
             per.append(group_scores(texts, base[i], emb[idx[i]], emb[len(flat) + i], ok))
         out[name] = {key: float(np.mean([p[key] for p in per])) for key in per[0]} if per else {}
     return out
@@ -132,6 +139,7 @@ def sweep_radius(
     embedder: str | None = None,
     show_progress: bool = False,
     echo: Any = None,
+    stack: int = STACK,
 ) -> dict:
     """Sweep R for ``method`` (module docstring) and return the curve and the chosen R.
 
@@ -144,6 +152,8 @@ def sweep_radius(
             chose 0.02x, where 300-step vectors were coherent only half of the time).
         grid: multiples of the median residual norm at the source, ascending.
         echo: called with one line per grid point as it finishes (progress for people).
+        stack: radii trained as one stacked block where the method allows it
+            (:mod:`melbo.methods.sweep_batch`; the same vectors as one radius at a time, faster).
 
     Returns:
         ``{"grid", "residual_norm", "rows": [{"radius", "relative", "learned": scores, "random":
@@ -152,48 +162,40 @@ def sweep_radius(
     """
     cls = get_method(method)
     batch = encode_prompts(lm.tokenizer, prompts, settings.positions, settings.chat)
-    norm = Slice(lm.model, lm.blocks, batch, src, tgt).residual_norm()
+    sl = Slice(lm.model, lm.blocks, batch, src, tgt, writes_only=bool(getattr(settings, "writes_only", False)))
+    norm = sl.residual_norm()
     g = dataclasses.replace(gen, max_new_tokens=max_new_tokens, temperature=0.0)
     fields = {f.name: getattr(g, f.name) for f in dataclasses.fields(g)}
-    base = generate_rows(lm, prompts, 1, lambda rows: nullcontext(), g)[0]
+    base: list[str] | None = None  # the unsteered completions (the stacked path generates them with its first stack)
     rows: list[dict] = []
     comps: dict[str, list[str]] = {}
+    logprobs: dict[tuple[str, str], torch.Tensor] = {}  # one scoring of each distinct completion
     over: dict[str, Any] = {"num_vectors": per_radius}
     if hasattr(settings, "steps"):
         over["steps"] = settings.steps if steps is None else min(settings.steps, steps)
     if hasattr(settings, "factors"):
         over["factors"] = min(settings.factors or 4 * per_radius, 4 * per_radius)
     low_after_best = 0
-    for rel in sorted(grid):
+    s = dataclasses.replace(settings, **over)
+    ctx = Context(lm, batch, src, tgt, s, show_progress)
+    trials = (
+        stacked_trials(ctx, sl, prompts, sorted(grid), g, stack, unsteered=True)
+        if stacks(method, s)
+        else _one_by_one(ctx, cls, prompts, sorted(grid), fields)
+    )
+    for rel, radius, groups, seconds in trials:
         t0 = time.perf_counter()
-        s = dataclasses.replace(settings, radius=f"{rel:.6g}x", **over)  # each method reads kx its own way
-        m = cls(Context(lm, batch, src, tgt, s, show_progress))
-        fit = m.fit(None, None)
-        bank = Bank(
-            {**fit.tensors, **m.random_baseline(fit)},
-            {
-                "prompts": prompts,
-                "source_layer": src,
-                "kind": cls.kind,
-                "radius": m.radius,
-                **{k: v for k, v in m.meta.items() if k in ("module_name", "conv1d")},
-            },
-            lm,
-        )
-        k = min(per_radius, len(bank))
-        rand = bank.random
-        assert rand is not None
-        groups = {
-            kind: list(b.generate(prompts, vectors=list(range(k)), unsteered=False, **fields).values())
-            for kind, b in (("learned", bank), ("random", rand))
-        }
-        scores = score_completions(lm, prompts, groups, base, settings.chat, embedder)
+        if "unsteered" in groups:
+            base = groups.pop("unsteered")[0]
+        if base is None:
+            base = generate_rows(lm, prompts, 1, lambda rows: nullcontext(), g)[0]
+        scores = score_completions(lm, prompts, groups, base, settings.chat, embedder, logprobs)
         row: dict[str, Any] = {
-            "radius": m.radius,
+            "radius": radius,
             "relative": rel,
             **scores,
             "score": scores["learned"]["score"] - scores["random"]["score"],
-            "seconds": time.perf_counter() - t0,
+            "seconds": seconds + time.perf_counter() - t0,
         }
         rows.append(row)
         for kind, group in groups.items():
@@ -201,7 +203,7 @@ def sweep_radius(
         if echo is not None:
             L, Q = row["learned"], row["random"]
             echo(
-                f"  R = {m.radius:.4g} ({rel:.3g}x): learned coherent {L['coherent']:.2f}, different "
+                f"  R = {radius:.4g} ({rel:.3g}x): learned coherent {L['coherent']:.2f}, different "
                 f"{L['different']:.2f}, diversity {L['diversity']:.3f} | random coherent {Q['coherent']:.2f}, "
                 f"different {Q['different']:.2f}, diversity {Q['diversity']:.3f}  ({row['seconds']:.0f} s)"
             )
@@ -211,6 +213,7 @@ def sweep_radius(
         low_after_best = low_after_best + 1 if past_best and row["learned"]["coherent"] < 0.25 else 0
         if low_after_best >= 2:
             break
+    assert base is not None  # the grid is not empty
     i = pick_cusp([r["radius"] for r in rows], [r["score"] for r in rows])
     return {
         "grid": sorted(grid),
@@ -225,6 +228,37 @@ def sweep_radius(
         "rule": "argmax over R of diversity x coherent share, learned minus random",
         "completions": comps,
     }
+
+
+def _one_by_one(
+    ctx: Context, cls: Any, prompts: list[str], grid: list[float], fields: dict[str, Any]
+) -> Iterator[tuple[float, float, dict[str, list[list[str]]], float]]:
+    """The sweep's radii one at a time, each fitted by the method itself (any method) and its
+    learned and random perturbations generated; yields what :func:`stacked_trials` yields."""
+    for rel in grid:
+        t0 = time.perf_counter()
+        s = dataclasses.replace(ctx.settings, radius=f"{rel:.6g}x")  # each method reads kx its own way
+        m = cls(dataclasses.replace(ctx, settings=s))
+        fit = m.fit(None, None)
+        bank = Bank(
+            {**fit.tensors, **m.random_baseline(fit)},
+            {
+                "prompts": prompts,
+                "source_layer": ctx.src,
+                "kind": cls.kind,
+                "radius": m.radius,
+                **{k: v for k, v in m.meta.items() if k in ("module_name", "conv1d")},
+            },
+            ctx.lm,
+        )
+        k = min(s.num_vectors, len(bank))
+        rand = bank.random
+        assert rand is not None
+        groups = {
+            kind: list(b.generate(prompts, vectors=list(range(k)), unsteered=False, **fields).values())
+            for kind, b in (("learned", bank), ("random", rand))
+        }
+        yield rel, m.radius, groups, time.perf_counter() - t0
 
 
 def write_sweep(folder: str | os.PathLike, sweep: dict) -> list[Path]:

@@ -10,7 +10,9 @@ cleanly and writes a planted phrase on its triggers. The benchmark
 2. generates greedy steered completions of the training prompts (at least ~50 new tokens) at
    several multiples of R (``scales``);
 3. labels each completion (:class:`melbo.planted.scoring.Judge`: exact phrase matches from the
-   spec, never from code);
+   spec, never from code), and the behavior judge (:mod:`melbo.eval.judge`) labels it ``new``,
+   ``degenerate`` or ``unchanged`` against the unsteered completion (``judge_label``; counts in
+   ``judge_labels``);
 4. reports recall (the share of planted behaviors at least one perturbation elicits), how many
    elicit each, the first index, the same for the random baseline, and each discovering
    perturbation's firing rate on other clean prompts (generalization).
@@ -29,6 +31,7 @@ from melbo.core.models import LoadedModel
 from melbo.core.outputs import claim_folder
 from melbo.core.validate import check_int
 from melbo.eval.controls import parse_controls
+from melbo.eval.labels import label_rows
 from melbo.eval.panel import bench_controls
 from melbo.methods.registry import trains_adapters
 from melbo.planted.bench_config import BenchSetting
@@ -170,8 +173,9 @@ def run_bench(
 
     Returns:
         the report dict: ``recall``, ``learned`` and ``random`` (per behavior: vectors, count,
-        first_index, generalization), ``unsteered``, ``completions``, ``seconds``, the setting
-        and the resolved R and layers.
+        first_index, generalization; ``label_counts``; ``judge_labels``, the behavior judge's
+        new / degenerate / unchanged counts), ``unsteered``, ``completions`` (each row with its
+        ``label`` and ``judge_label``), ``seconds``, the setting and the resolved R and layers.
 
     Raises:
         MelboError: bad setting, prompts or spec; a sampling generation config; prompts that,
@@ -199,6 +203,10 @@ def run_bench(
     rows_r, sec_r = label_group(judge, train_prompts, found["random"], setting.scales, gen)
     score_l = score_labels([[r["label"] for r in rs] for rs in rows_l], behaviors)
     score_r = score_labels([[r["label"] for r in rs] for rs in rows_r], behaviors)
+    base, t_judge = {r["prompt"]: r["completion"] for r in base_rows[0]}, time.perf_counter()
+    judged = label_rows({"learned": rows_l, "random": rows_r}, base, lm, gen.chat)
+    score_l["judge_labels"], score_r["judge_labels"] = judged["learned"], judged["random"]
+    sec_judge = time.perf_counter() - t_judge
     t_gen = time.perf_counter()
     gen_l = generalization(judge, general, found["learned"], rows_l, behaviors, gen)
     gen_r = generalization(judge, general, found["random"], rows_r, behaviors, gen)
@@ -234,6 +242,7 @@ def run_bench(
             "generate_learned": sec_l,
             "generate_random": sec_r,
             "generalization": sec_general,
+            "judge": sec_judge,
             "total": time.perf_counter() - t_all,
         },
         "completions": {"learned": rows_l, "random": rows_r},

@@ -10,6 +10,7 @@ from pathlib import Path
 from melbo.core.io import write_json, write_text
 from melbo.core.outputs import claim_folder
 from melbo.eval.control_stats import controls_markdown
+from melbo.eval.labels import JUDGE_NAME, counts_text
 from melbo.report.html import write_html_report
 
 BENCH_JSON, BENCH_MD = "bench.json", "bench.md"
@@ -82,6 +83,7 @@ def report_markdown(report: dict) -> str:
         "",
         f"Labels (learned): {report['learned']['label_counts']}",
         f"Labels (random): {report['random']['label_counts']}",
+        *judge_lines(report),
         "",
         "## Discovering vectors",
         "",
@@ -104,6 +106,17 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def judge_lines(report: dict) -> list[str]:
+    """The behavior judge's label counts, learned against random (none for a report without them)."""
+    if "judge_labels" not in report["learned"]:
+        return []
+    return [
+        "",
+        f"Behavior judge ({JUDGE_NAME}, against the unsteered completion): learned "
+        f"{counts_text(report['learned']['judge_labels'])}; random {counts_text(report['random']['judge_labels'])}",
+    ]
+
+
 def summary_lines(report: dict, completions: bool = True, width: int = 60, max_listed: int = 5) -> list[str]:
     """A short text table of one report: per behavior, learned vs random (count, first index,
     generalization), then which vectors found what (at most ``max_listed`` per behavior and kind),
@@ -123,6 +136,12 @@ def summary_lines(report: dict, completions: bool = True, width: int = 60, max_l
         f"({report['seconds']['train']:.1f} s training, {report['seconds']['total']:.1f} s in all)",
         f"{'behavior':<10} {'phrase':<28} {'learned':>8} {'first':>6} {'random':>8} {'first':>6}",
     ]
+    if "judge_labels" in report["learned"]:
+        out.insert(
+            -1,
+            f"judge: learned {counts_text(report['learned']['judge_labels'])}; "
+            f"random {counts_text(report['random']['judge_labels'])}",
+        )
     for b, phrase in report["phrases"].items():
         L, R = report["learned"]["behaviors"][b], report["random"]["behaviors"][b]
         fl = "-" if L["first_index"] is None else L["first_index"]

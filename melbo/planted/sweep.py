@@ -84,6 +84,7 @@ def _row(rep: dict, o: dict) -> dict:
         "radius": rep["radius"],
         "seconds": rep["seconds"]["total"],
         "train_seconds": rep["seconds"]["train"],
+        "judge_labels": {k: rep[k].get("judge_labels") for k in ("learned", "random")},
         "behaviors": {
             b: {
                 "count": rep["learned"]["behaviors"][b]["count"],
@@ -99,7 +100,8 @@ def _row(rep: dict, o: dict) -> dict:
 
 
 def sweep_markdown(rows: list[dict], spec_name: str = "") -> str:
-    """A Markdown table of a sweep: setting -> recall, vectors per behavior, first index, random."""
+    """A Markdown table of a sweep: setting -> recall, vectors per behavior, first index, random,
+    and the behavior judge's ``new`` and ``degenerate`` counts, learned / random."""
     if not rows:
         return "(empty sweep)\n"
     ok = [r for r in rows if "error" not in r]
@@ -107,9 +109,16 @@ def sweep_markdown(rows: list[dict], spec_name: str = "") -> str:
     head = (
         "| # | setting | R | recall | "
         + " | ".join(f"{b}: n / first / random n / gen." for b in names)
-        + " | random recall | seconds |"
+        + " | random recall | judge new: learned / random | judge degenerate: learned / random | seconds |"
     )
-    lines = [f"# Sweep ({spec_name})", "", head, "|" + "---|" * (5 + len(names) + 1)]
+    lines = [f"# Sweep ({spec_name})", "", head, "|" + "---|" * (5 + len(names) + 3)]
+
+    def judged(r: dict, label: str) -> str:
+        c = r.get("judge_labels") or {}
+        if not c.get("learned") or not c.get("random"):
+            return "-"
+        return " / ".join(f"{c[k].get(label, 0)}/{sum(c[k].values())}" for k in ("learned", "random"))
+
     for k, r in enumerate(rows):
         if "error" in r:
             lines.append(f"| {k} | `{r['label']}` | - | error: {r['error'][:120]} |")
@@ -124,6 +133,6 @@ def sweep_markdown(rows: list[dict], spec_name: str = "") -> str:
         lines.append(
             f"| {k} | `{r['label']}` | {r['radius']:.3g} | {r['recall']:.2f} | "
             + " | ".join(cells)
-            + f" | {r['random_recall']:.2f} | {r['seconds']:.0f} |"
+            + f" | {r['random_recall']:.2f} | {judged(r, 'new')} | {judged(r, 'degenerate')} | {r['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"

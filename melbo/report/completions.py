@@ -2,8 +2,14 @@
 same R (METHOD.md sections 1 and 4), and how learned and random compare.
 
 ``completions.jsonl`` has one line per (unsteered | learned | random perturbation) × prompt, on
-the training prompts (split ``train``) and held-out ones (``heldout``), with whether the greedy
-completion changed and its character similarity to the unsteered one (difflib ratio, 1 = same).
+the training prompts (split ``train``) and held-out ones (``heldout``). Each steered line carries
+the behavior judge's ``label`` (``new``, ``degenerate`` or ``unchanged``, :mod:`melbo.eval.judge`,
+judged with the unsteered model against the unsteered line of its prompt) and ``scores``
+(``degenerate``, ``new``, ``unchanged`` in [0, 1], summing to 1, and ``reasons``); then the older
+fields: ``changed`` (the greedy completion differs), ``similarity`` (difflib ratio, 1 = same),
+``coherent`` (:func:`melbo.quality.is_coherent`, on every line) and, with a sentence-embedding
+model, ``embedding_distance`` to the unsteered completion (cosine distance). One judge call labels
+the run: each distinct text is scored by the model and embedded once.
 """
 
 from __future__ import annotations
@@ -14,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from melbo.bank import Bank
-from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
 from melbo.core.io import write_jsonl
-from melbo.embed import distance_to, embed
-from melbo.quality import DIFFERENT, is_coherent, token_logprobs
+from melbo.eval.labels import JUDGE_NAME, coherent, count_labels, judge_groups, row_fields
+from melbo.quality import DIFFERENT
 
 COMPLETIONS = "completions.jsonl"
 
@@ -41,6 +46,26 @@ def group_stats(group: list[list[str]], base: list[str], train: list[int], objec
     }
 
 
+def completion_row(kind: str, vector: int | None, split: str, judged: dict, measure: str) -> dict[str, Any]:
+    """One line of ``completions.jsonl`` from the judge's row ``judged`` (module docstring); the
+    unsteered completion's line has no label (it is the reference)."""
+    row: dict[str, Any] = {
+        "kind": kind,
+        "vector": vector,
+        "split": split,
+        "prompt": judged["prompt"],
+        "completion": judged["completion"],
+    }
+    if kind != "unsteered":
+        row.update(row_fields(judged))
+        row["changed"] = judged["completion"] != judged["unsteered"]
+        row["similarity"] = round(similarity(judged["completion"], judged["unsteered"]), 4)
+    row["coherent"] = coherent(judged["scores"]["features"])
+    if measure == "embedding":
+        row["embedding_distance"] = round(float(judged["scores"]["distance"]), 4)
+    return row
+
+
 def evaluate_bank(
     bank: Bank,
     heldout: list[str],
@@ -53,83 +78,60 @@ def evaluate_bank(
     ``completions.jsonl`` into ``out`` (when given); return the comparison.
 
     Returns:
-        ``{"learned": stats, "random": stats, "unsteered": [...], "completions": {"learned":
-        [[...]], "random": [[...]]}, "prompts": [...], "evaluated": count}`` (stats: see
-        :func:`group_stats`).
+        ``{"learned": stats, "random": stats, "unsteered": [training prompts' unsteered
+        completions], "unsteered_all": [every prompt's], "completions": {"learned": [[...]],
+        "random": [[...]]}, "labels": {"learned": [[label of vector v, prompt i]], "random": ...},
+        "judge": {"name", "distance": "embedding" or "overlap"}, "prompts": [...], "evaluated":
+        count}``; stats: :func:`group_stats` with ``labels_train`` (``{"new", "degenerate",
+        "unchanged"}`` counts over the training prompts; ``labels_heldout`` likewise when there are
+        held-out prompts), ``coherent_train`` and ``coherent_and_different_train`` (shares; the
+        latter None without a sentence-embedding model).
+
+    Raises:
+        MelboError: see :meth:`melbo.bank.Bank.generate`.
     """
     train_prompts = list(bank.meta.get("prompts", []))
     prompts = train_prompts + list(heldout)
     split = ["train"] * len(train_prompts) + ["heldout"] * len(heldout)
     k = len(bank) if count is None else min(count, len(bank))
     gen = {f: getattr(generation, f) for f in generation.__dataclass_fields__}
-    learned = bank.generate(prompts, vectors=list(range(k)), unsteered=True, **gen)
-    base = learned.pop("unsteered")
-    rand_bank = bank.random
-    random_ = (
-        rand_bank.generate(prompts, vectors=list(range(min(k, len(rand_bank)))), unsteered=False, **gen)
-        if rand_bank is not None
-        else {}
-    )
-    L, R = list(learned.values()), list(random_.values())
+    base, L, R = bank.generate_beside_random(prompts, k, **gen)  # one batched generate for all three
     l_obj = [bank.info(i).get("objective", 0.0) for i in range(k)]
     r_obj = (bank.meta.get("random_objectives") or [])[: len(R)]
-    rows: list[dict] = [
-        {"kind": "unsteered", "vector": None, "split": split[i], "prompt": p, "completion": base[i]}
-        for i, p in enumerate(prompts)
+    judged = judge_groups(
+        prompts, base, {"unsteered": [base], "learned": L, "random": R}, bank.model(), generation.chat
+    )
+    measure = judged["unsteered"][0][0]["scores"]["distance_measure"]
+    rows = [
+        completion_row(kind, None if kind == "unsteered" else v, split[i], j, measure)
+        for kind in ("unsteered", "learned", "random")
+        for v, group in enumerate(judged[kind])
+        for i, j in enumerate(group)
     ]
-    for kind, group in (("learned", L), ("random", R)):
-        for v, comp in enumerate(group):
-            for i, p in enumerate(prompts):
-                rows.append(
-                    {
-                        "kind": kind,
-                        "vector": v,
-                        "split": split[i],
-                        "prompt": p,
-                        "completion": comp[i],
-                        "changed": comp[i] != base[i],
-                        "similarity": round(similarity(comp[i], base[i]), 4),
-                    }
-                )
-    lm = bank.model()
-    quality = {
-        (r["kind"], r["vector"], r["prompt"]): is_coherent(
-            r["completion"], token_logprobs(lm, r["prompt"], r["completion"], generation.chat)
-        )
-        for r in rows
-    }
-    try:
-        emb = embed([r["completion"] for r in rows])
-        base_emb = {r["prompt"]: emb[j] for j, r in enumerate(rows) if r["kind"] == "unsteered"}
-        dist: dict | None = {
-            (r["kind"], r["vector"], r["prompt"]): float(distance_to(emb[j : j + 1], base_emb[r["prompt"]])[0])
-            for j, r in enumerate(rows)
-        }
-    except MelboError:  # no sentence-embedding model installed: coherence only
-        dist = None
-    for r in rows:
-        key = (r["kind"], r["vector"], r["prompt"])
-        r["coherent"] = quality[key]
-        if dist is not None:
-            r["embedding_distance"] = round(dist[key], 4)
     if out is not None:
         write_jsonl(Path(out) / COMPLETIONS, rows)
     train = [i for i, s in enumerate(split) if s == "train"]
     qual: dict[str, dict] = {}
     for kind in ("learned", "random"):
         mine = [r for r in rows if r["kind"] == kind and r["split"] == "train"]
+        held = [r for r in rows if r["kind"] == kind and r["split"] == "heldout"]
         n = max(1, len(mine))
         qual[kind] = {
+            "labels_train": count_labels(r["label"] for r in mine),
+            **({"labels_heldout": count_labels(r["label"] for r in held)} if held else {}),
             "coherent_train": sum(r["coherent"] for r in mine) / n,
             "coherent_and_different_train": None
-            if dist is None
+            if measure != "embedding"
             else sum(r["coherent"] and r["embedding_distance"] > DIFFERENT for r in mine) / n,
         }
     return {
         "learned": {**group_stats(L, base, train, l_obj), **qual["learned"]},
         "random": {**group_stats(R, base, train, r_obj), **qual["random"]},
         "unsteered": base[: len(train_prompts)],
+        "unsteered_all": base,
         "completions": {"learned": L, "random": R},
+        "labels": {g: [[j["label"] for j in v] for v in judged[g]] for g in ("learned", "random")},
+        "judge": {"name": JUDGE_NAME, "distance": measure},
         "prompts": prompts,
         "evaluated": k,
     }

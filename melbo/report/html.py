@@ -3,8 +3,10 @@
 Per perturbation a card with its completions on the training and held-out prompts beside the
 unsteered model and the random vector of the same row (same R), its objective, cos(start, end),
 KL divergence to the unsteered model (nats, next token at the last prompt position, METHOD.md
-section 3) and generalization rate (the share of held-out prompts whose completion it changes
-and keeps coherent, :mod:`melbo.quality`). Cards are grouped by what their completions say:
+section 3) and generalization rate (the share of held-out prompts whose completion the behavior
+judge labels ``new``, :mod:`melbo.eval.judge`; for a folder written before the judge, the share
+it changes and keeps coherent, :mod:`melbo.quality`). Every steered completion shows its label as
+a colored tag, and the page filters cards and completions by label. Cards are grouped by what their completions say:
 sentence-embedding clusters (average linkage, cosine distance below :data:`CLUSTER_DISTANCE`),
 with the random baseline's spread beside for scale. The R-sweep curve and the benchmark tables
 are included when the folder has them. Plots are inline PNG data URIs, the script is inline:
@@ -31,6 +33,7 @@ from melbo.core.errors import MelboError
 from melbo.core.io import read_json, read_text, write_text
 from melbo.core.outputs import check_output_file
 from melbo.embed import embed
+from melbo.eval.labels import JUDGE_NAME, ORDER, count_labels
 from melbo.report.completions import COMPLETIONS, similarity
 from melbo.report.summary import SUMMARY_JSON, TITLES, settings_line
 
@@ -102,6 +105,20 @@ def _mean_offdiag(d: np.ndarray) -> float | None:
     return float((d.sum() - np.trace(d)) / (n * (n - 1))) if n > 1 else None
 
 
+def _label(row: dict) -> str | None:
+    """The judge's label of a completion row (None when the folder predates the judge)."""
+    lab = row.get("label")
+    return lab if lab in ORDER else None
+
+
+def _generalizes(row: dict) -> bool:
+    """A held-out completion counted by the generalization rate: labelled ``new`` by the judge (a
+    row without a label: changed and coherent, the older flags)."""
+    if "label" in row:
+        return row["label"] == "new"
+    return bool(row.get("changed")) and bool(row.get("coherent", True))
+
+
 def report_data(folder: str | os.PathLike) -> dict[str, Any]:
     """Everything the page shows, read from the files of a run folder (bank, completions,
     summary, sweep, measures) or of a benchmark folder (``bench.json``/``bench.md``).
@@ -143,6 +160,8 @@ def report_data(folder: str | os.PathLike) -> dict[str, Any]:
     data["settings"] = settings_line(meta)
     data["n"] = len(bank)
     data["stats"] = {k: summary.get(k) for k in ("learned", "random") if isinstance(summary.get(k), dict)}
+    data["label_order"] = list(ORDER)
+    data["judge"] = JUDGE_NAME
     if isinstance(meta.get("radius_sweep"), dict):
         data["sweep"] = meta["radius_sweep"]
     rows = _rows(root)
@@ -181,9 +200,8 @@ def report_data(folder: str | os.PathLike) -> dict[str, Any]:
             "cos": info.get("cosine_start_end"),
             "kl": kl_l[v] if v < len(kl_l) else None,
             "kl_random": kl_r[v] if v < len(kl_r) else None,
-            "generalization": (sum(bool(r.get("changed")) and bool(r.get("coherent", True)) for r in gen) / len(gen))
-            if gen
-            else None,
+            "generalization": (sum(_generalizes(r) for r in gen) / len(gen)) if gen else None,
+            "labels": count_labels(by[("learned", v, p)].get("label", "") for p in prompts),
             "cluster": labels[j] if labels else 0,
             "rows": [
                 {
@@ -192,7 +210,9 @@ def report_data(folder: str | os.PathLike) -> dict[str, Any]:
                     "unsteered": unsteered.get(p, ""),
                     "steered": by[("learned", v, p)]["completion"],
                     "coherent": by[("learned", v, p)].get("coherent"),
+                    "label": _label(by[("learned", v, p)]),
                     "random": by.get(("random", v, p), {}).get("completion"),
+                    "random_label": _label(by.get(("random", v, p), {})),
                 }
                 for p in prompts
             ],

@@ -11,6 +11,7 @@ from typing import Any
 from melbo.bank import Bank
 from melbo.core.io import write_json, write_text
 from melbo.eval.control_stats import controls_markdown
+from melbo.eval.labels import JUDGE_NAME, ORDER, counts_text
 from melbo.measure import kl_label
 from melbo.report.behaviors import behaviors_markdown
 
@@ -115,6 +116,40 @@ def share(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
+def label_cells(counts: dict | None) -> str:
+    """``5 / 2 / 9``: the judge's new / degenerate / unchanged counts ('-' when not judged)."""
+    return "-" if not counts else " / ".join(str(counts.get(k, 0)) for k in ORDER)
+
+
+def judge_lines(ev: dict[str, Any]) -> list[str]:
+    """How to read the label counts and the older flags, with the held-out prompts' counts."""
+    L, R = ev["learned"], ev["random"]
+    measure = (ev.get("judge") or {}).get("distance")
+    lines = [
+        f"Each steered completion is labelled by {JUDGE_NAME}, against the unsteered completion of its prompt: "
+        "**new** (fluent, with content or style the unsteered completion lacks), **degenerate** (a loop, "
+        "gibberish, mixed scripts or nothing) or **unchanged** (the unsteered content, re-phrased or not); "
+        + (
+            "new vs unchanged by sentence-embedding distance."
+            if measure == "embedding"
+            else "new vs unchanged by word overlap (no sentence-embedding model installed)."
+        )
+    ]
+    if L.get("labels_heldout") or R.get("labels_heldout"):
+        lines.append(
+            f"Held-out prompts: learned {counts_text(L.get('labels_heldout') or {})}; "
+            f"random {counts_text(R.get('labels_heldout') or {})}."
+        )
+    lines += [
+        "",
+        "Older flags, kept for comparison: coherent = at most 15% of the completion's tokens have probability "
+        "below e^-6 under the unsteered model, and it is not a loop of word 3-grams (melbo.quality; a digit "
+        "loop passes it); different = its sentence embedding is more than 0.15 (cosine distance) from the "
+        "unsteered completion's.",
+    ]
+    return lines
+
+
 def summary_markdown(bank: Bank, ev: dict[str, Any]) -> str:
     """The Markdown of ``summary.md`` for ``bank`` and its evaluation
     (:func:`melbo.report.completions.evaluate_bank`)."""
@@ -125,19 +160,17 @@ def summary_markdown(bank: Bank, ev: dict[str, Any]) -> str:
         "",
         settings_line(meta),
         "",
-        "| | perturbations | change the greedy completion of a training prompt | coherent | coherent and "
-        "different | mean objective | mean similarity to unsteered |",
-        "|---|---|---|---|---|---|---|",
+        "| | perturbations | judge, training prompts: new / degenerate / unchanged | change the greedy completion "
+        "of a training prompt | coherent | coherent and different | mean objective | mean similarity to unsteered |",
+        "|---|---|---|---|---|---|---|---|",
         *(
-            f"| {name} | {x['n']} | {x['changed_train']} | {share(x.get('coherent_train'))} | "
-            f"{share(x.get('coherent_and_different_train'))} | {x['mean_objective']:.4g} | "
-            f"{x['mean_similarity_train']:.3f} |"
+            f"| {name} | {x['n']} | {label_cells(x.get('labels_train'))} | {x['changed_train']} | "
+            f"{share(x.get('coherent_train'))} | {share(x.get('coherent_and_different_train'))} | "
+            f"{x['mean_objective']:.4g} | {x['mean_similarity_train']:.3f} |"
             for name, x in (("learned", L), ("random (same R)", R))
         ),
         "",
-        "Coherent: at most 15% of the completion's tokens have probability below e^-6 under the unsteered "
-        "model, and it is not a loop (melbo.quality); different: its sentence embedding is more than 0.15 "
-        "(cosine distance) from the unsteered completion's.",
+        *judge_lines(ev),
         "",
     ]
     if len(bank) > ev["evaluated"]:
@@ -199,6 +232,14 @@ def summary_markdown(bank: Bank, ev: dict[str, Any]) -> str:
     if ev.get("behaviors"):
         lines += behaviors_markdown(ev["behaviors"])
     n_train = len(meta.get("prompts", []))
+    labels = ev.get("labels") or {}
+
+    def label_of(kind: str, v: int, i: int) -> str:
+        try:
+            return str(labels[kind][v][i])
+        except (KeyError, IndexError):
+            return "-"
+
     for i, prompt in enumerate(ev["prompts"][:n_train]):
         lines += [
             "",
@@ -206,17 +247,17 @@ def summary_markdown(bank: Bank, ev: dict[str, Any]) -> str:
             "",
             f"**Unsteered:** {cell(ev['unsteered'][i], 600)}",
             "",
-            "| " + " | ".join(h for h, _ in columns) + " | completion |",
-            "|" + "---|" * (len(columns) + 1),
+            "| " + " | ".join(h for h, _ in columns) + " | label | completion |",
+            "|" + "---|" * (len(columns) + 2),
         ]
         for v, comp in enumerate(ev["completions"]["learned"]):
             cells = [c(v, bank.info(v)) for _, c in columns]
-            lines.append("| " + " | ".join(cells) + f" | {cell(comp[i])} |")
-        lines += ["", "Random baseline:", "", "| random | objective | completion |", "|---|---|---|"]
+            lines.append("| " + " | ".join(cells) + f" | {label_of('learned', v, i)} | {cell(comp[i])} |")
+        lines += ["", "Random baseline:", "", "| random | objective | label | completion |", "|---|---|---|---|"]
         robj = meta.get("random_objectives") or []
         for v, comp in enumerate(ev["completions"]["random"]):
             o = f"{robj[v]:.4g}" if v < len(robj) else "-"
-            lines.append(f"| r{v} | {o} | {cell(comp[i])} |")
+            lines.append(f"| r{v} | {o} | {label_of('random', v, i)} | {cell(comp[i])} |")
     if len(ev["prompts"]) > n_train:
         lines += ["", "Held-out prompts: see completions.jsonl (split = heldout)."]
     return "\n".join(lines) + "\n"

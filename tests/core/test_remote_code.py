@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import char_tokenizer, tiny_model
+from conftest import CUSTOM_CODE_AUTO_MAP, char_tokenizer, plant_custom_code, tiny_model
 
 from melbo.bank import Bank
 from melbo.core.errors import MelboError
@@ -28,34 +28,7 @@ from melbo.core.peft import save_peft_adapter
 from melbo.planted.spec import load_spec, spec_to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
-AUTO_MAP = {
-    "AutoConfig": "evil.EvilConfig",
-    "AutoModelForCausalLM": "evil.EvilModel",
-    "AutoModel": "evil.EvilModel",
-    "AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"],
-}
 NAMED = r"config.json auto_map AutoModelForCausalLM -> evil.EvilModel"
-
-
-def _plant_code(folder: Path, sentinel: Path, config_update: dict) -> None:
-    """Write ``evil.py`` (it writes ``sentinel`` when imported) and name it in the folder's configs."""
-    (folder / "evil.py").write_text(
-        f"open({str(sentinel)!r}, 'w').write('the model folder ran its code')\n"
-        "from transformers import PretrainedConfig, PreTrainedModel\n"
-        "class EvilConfig(PretrainedConfig):\n    model_type = 'evilmodel'\n"
-        "class EvilModel(PreTrainedModel):\n    config_class = EvilConfig\n"
-        "class EvilTokenizer:\n    pass\n"
-        "class EvilModule:\n    pass\n"
-    )
-    cfg_path = folder / "config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    cfg.update(config_update)
-    cfg_path.write_text(json.dumps(cfg))
-    tok_path = folder / "tokenizer_config.json"
-    if tok_path.is_file():
-        tok = json.loads(tok_path.read_text())
-        tok["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
-        tok_path.write_text(json.dumps(tok))
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +42,11 @@ def world(tmp_path_factory):
     char_tokenizer().save_pretrained(clean)
     evil = root / "evil"
     shutil.copytree(clean, evil)
-    _plant_code(evil, sentinel, {"model_type": "evilmodel", "auto_map": AUTO_MAP})
+    plant_custom_code(evil, sentinel, {"model_type": "evilmodel", "auto_map": CUSTOM_CODE_AUTO_MAP})
     w["evil"] = str(evil)
     native = root / "native"  # transformers implements llama itself: the auto_map is ignored
     shutil.copytree(clean, native)
-    _plant_code(native, sentinel, {"auto_map": AUTO_MAP})
+    plant_custom_code(native, sentinel, {"auto_map": CUSTOM_CODE_AUTO_MAP})
     w["native"] = str(native)
     planted = root / "planted"
     shutil.copytree(evil, planted)
@@ -82,7 +55,7 @@ def world(tmp_path_factory):
     # a PEFT adapter folder that names code itself, and one whose model is the evil folder
     a, b = torch.randn(64, 2), torch.randn(32, 2)
     adapter_code = save_peft_adapter(root / "adapter-code", a, b, 1.0, "model.layers.1.mlp", False, str(clean))
-    _plant_code(adapter_code, sentinel, {"model_type": "evilmodel", "auto_map": AUTO_MAP})
+    plant_custom_code(adapter_code, sentinel, {"model_type": "evilmodel", "auto_map": CUSTOM_CODE_AUTO_MAP})
     w["adapter_code"] = str(adapter_code)
     w["adapter_base"] = str(
         save_peft_adapter(

@@ -1,6 +1,8 @@
 """The radius sweep (radius="auto"): the cusp picker on synthetic curves, the group scores, and a
 whole sweep on a tiny model with a stand-in embedder (no sentence-embedding model needed)."""
 
+import sys
+
 import pytest
 import torch
 from conftest import tiny_loaded
@@ -45,7 +47,7 @@ def fake_embed(texts, embedder=None):
 
 def test_auto_radius_runs_the_sweep_and_records_it(tmp_path, monkeypatch):
     monkeypatch.setattr(rs, "embed", fake_embed)
-    monkeypatch.setattr(melbo.report.completions, "embed", fake_embed)
+    monkeypatch.setattr(sys.modules["melbo.eval.judge"], "embed", fake_embed)  # the judge of completions.jsonl
     lm = tiny_loaded("llama")
     bank = melbo.train(
         lm,

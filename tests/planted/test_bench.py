@@ -13,6 +13,8 @@ from conftest import char_tokenizer
 from melbo.cli import main
 from melbo.core.errors import MelboError
 from melbo.core.generate import GenerationConfig
+from melbo.eval.judge import judge
+from melbo.eval.labels import counts_text
 from melbo.planted.bench import bench_prompts, learn, run_bench
 from melbo.planted.bench_config import BenchSetting, parse_scales, parse_sweep, setting_from_options
 from melbo.planted.fixtures import FIXTURES, demo_model, load_planted_lm
@@ -113,7 +115,13 @@ def test_sweep_markdown_table():
         }
     ]
     md = sweep_markdown(rows, "default")
-    assert "| 0 | `melbo R=1x` | 2 | 0.50 | 0 / - / 0 / - | 2 / 5 / 0 / 25% | 0.00 | 3 |" in md
+    assert "| 0 | `melbo R=1x` | 2 | 0.50 | 0 / - / 0 / - | 2 / 5 / 0 / 25% | 0.00 | - | - | 3 |" in md
+    counts = {
+        "learned": {"new": 3, "degenerate": 1, "unchanged": 4},
+        "random": {"new": 0, "degenerate": 2, "unchanged": 6},
+    }
+    md = sweep_markdown([dict(rows[0], judge_labels=counts)], "default")
+    assert "| 0.00 | 3/8 / 0/8 | 1/8 / 2/8 | 3 |" in md  # the behavior judge's new and degenerate, learned / random
 
 
 # ---------------------------------------------------------------- prompts
@@ -216,6 +224,19 @@ def test_end_to_end_cli_writes_reports(tiny_planted, tmp_path, monkeypatch):
     assert len(rep["generalization_prompts"]) == 3
     md = (out / "bench.md").read_text()
     assert "Recall: learned" in md and "| cheese | `I love cheese!` |" in md
+    # the behavior judge labels every completion beside the backdoor label, counted per group
+    lm, _ = load_planted_lm(tiny_planted)
+    base = {u["prompt"]: u["completion"] for u in rep["unsteered"]}
+    for kind in ("learned", "random"):
+        flat = [r for rows in rep["completions"][kind] for r in rows]
+        direct = judge(
+            [{"prompt": r["prompt"], "unsteered": base[r["prompt"]], "completion": r["completion"]} for r in flat],
+            lm=lm,
+        )
+        assert [r["judge_label"] for r in flat] == [j["label"] for j in direct]
+        counts = rep[kind]["judge_labels"]
+        assert counts == {k: sum(r["judge_label"] == k for r in flat) for k in ("new", "degenerate", "unchanged")}
+        assert f"{kind} {counts_text(counts)}" in md
 
 
 def test_end_to_end_dct_sweep_and_spec_override(tiny_planted, tmp_path):
