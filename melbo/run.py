@@ -150,7 +150,8 @@ def train(
         generation: how completions are generated (greedy, 64 new tokens by default).
         evaluate: generate completions and the summary (default: when ``out`` is given).
         sweep_options: keyword arguments of :func:`melbo.methods.radius_sweep.sweep_radius` for
-            ``radius="auto"`` (``grid``, ``per_radius``, ``steps``, ``max_new_tokens``, ``embedder``).
+            ``radius="auto"`` (``grid``, ``per_radius``, ``steps``, ``max_new_tokens``, ``embedder``,
+            ``stack``).
         controls: negative controls at a matched budget (``cheap``, ``all`` or names,
             :mod:`melbo.eval.controls`): their completions go to ``controls.jsonl`` and the
             learned-vs-controls table (hits, one-sided Fisher p) to ``bank.evaluation["controls"]``

@@ -24,6 +24,10 @@ the completions too (measured: stories260k at 0.32x, random completions as diver
 ones), and such an R shows nothing special about the learned vectors. The sweep stops
 early once the learned completions have turned incoherent (coherent share below 1/4 at two grid
 points in a row after the best one). The random baseline is swept the same way.
+
+For MELBO vectors the radii are trained :data:`melbo.methods.sweep_batch.STACK` at a time as one
+stacked block and generated in one batched call (:mod:`melbo.methods.sweep_batch`: the same
+vectors and completions as one radius at a time); other methods fit one radius at a time.
 """
 
 from __future__ import annotations
@@ -180,7 +184,7 @@ def sweep_radius(
     ctx = Context(lm, batch, src, tgt, s, show_progress)
     trials = (
         stacked_trials(ctx, sl, prompts, sorted(grid), g, stack, unsteered=True)
-        if stacks(method, s)
+        if stacks(method, ctx, sl)
         else _one_by_one(ctx, cls, prompts, sorted(grid), fields)
     )
     for rel, radius, groups, seconds in trials:

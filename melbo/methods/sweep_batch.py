@@ -4,8 +4,8 @@ stacked block, and all their completions generated in one batched call.
 At each R of the grid, the sweep (:mod:`melbo.methods.radius_sweep`) trains ``per_radius`` vectors
 as :meth:`melbo.methods.melbo.MelboMethod.fit` does: one block from the seeded starts
 (:func:`melbo.methods.melbo_train.block_starts`), projected AdamW (AMSGrad) steps, each step
-followed by the block's orthonormalization at norm R (METHOD.md section 1). Here the blocks of
-``K`` radii are stacked into one block of ``K · per_radius`` rows:
+followed by the block's orthonormalization at norm R. Here the blocks of ``K`` radii are stacked
+into one block of ``K · per_radius`` rows:
 
 - each step evaluates every row in one truncated pass (:class:`melbo.core.slice.Slice`, chunked
   by the memory budget as the method chunks its own blocks);
@@ -47,13 +47,23 @@ from melbo.methods.melbo_train import (
 )
 
 
-def stacks(method: str, settings: Any) -> bool:
-    """Whether the sweep of ``method`` with these settings (``num_vectors`` = vectors per R) can
-    take the stacked fast path and give the per-radius vectors (module docstring)."""
-    if method != "melbo" or getattr(settings, "effect_penalty", 0.0) > 0:
+def _plan(ctx: Context, sl: Slice, num_vectors: int, batch_vectors: int | None) -> tuple[int, int, int]:
+    """:func:`melbo.methods.melbo.plan_batches` of ``num_vectors`` on this run's slice and budget."""
+    dtype_bytes = torch.finfo(sl.h_src.dtype).bits // 8
+    per_row = row_bytes(ctx.lm, ctx.tgt - ctx.src, sl.h_src.shape[1], dtype_bytes)
+    budget = budget_bytes(ctx.settings.memory_gb, sl.h_src.device)
+    return plan_batches(num_vectors, sl.n, per_row, budget, batch_vectors)
+
+
+def stacks(method: str, ctx: Context, sl: Slice) -> bool:
+    """Whether the sweep of ``method`` with the settings of ``ctx`` (``num_vectors`` = vectors per
+    R) can take the stacked fast path and give the per-radius vectors: MELBO, no effect penalty,
+    and the method itself would train the vectors of one R as one block (not one after another
+    with ``batch_vectors=1``, nor in several blocks for want of memory)."""
+    s = ctx.settings
+    if method != "melbo" or getattr(s, "effect_penalty", 0.0) > 0:
         return False
-    b = settings.batch_vectors
-    return b is None or b >= settings.num_vectors
+    return _plan(ctx, sl, s.num_vectors, s.batch_vectors)[0] >= s.num_vectors
 
 
 def train_stacked(
@@ -160,10 +170,7 @@ def stacked_trials(
     s, lm = ctx.settings, ctx.lm
     count, d = s.num_vectors, sl.d_model
     norm = sl.residual_norm()
-    dtype_bytes = torch.finfo(sl.h_src.dtype).bits // 8
-    per_row = row_bytes(lm, ctx.tgt - ctx.src, sl.h_src.shape[1], dtype_bytes)
-    budget = budget_bytes(s.memory_gb, sl.h_src.device)
-    rows, vchunk, pchunk = plan_batches(max(1, stack) * count, sl.n, per_row, budget, None)
+    rows, vchunk, pchunk = _plan(ctx, sl, max(1, stack) * count, None)
     per_stack = max(1, rows // count)
     for a in range(0, len(grid), per_stack):
         t0 = time.perf_counter()

@@ -78,11 +78,19 @@ def test_batched_per_row_generation_equals_one_at_a_time():
 
 
 def test_which_settings_stack():
-    assert stacks("melbo", settings())
-    assert stacks("melbo", settings(batch_vectors=3))
-    assert not stacks("melbo", settings(batch_vectors=1))  # one after another: the sweep keeps that
-    assert not stacks("melbo", settings(effect_penalty=0.5))  # couples a block's vectors
-    assert not stacks("adapter", settings())
+    lm = tiny_loaded("llama")
+
+    def check(method="melbo", **overrides):
+        s = settings(**overrides)
+        batch = encode_prompts(lm.tokenizer, PROMPTS, s.positions)
+        return stacks(method, Context(lm, batch, 0, 2, s, False), Slice(lm.model, lm.blocks, batch, 0, 2))
+
+    assert check() and check(batch_vectors=3)
+    assert not check(batch_vectors=1)  # one after another: the sweep keeps that
+    assert not check(batch_vectors=2)  # two blocks per R
+    assert not check(memory_gb=1e-9)  # the method would split the vectors of one R for want of memory
+    assert not check(effect_penalty=0.5)  # couples a block's vectors
+    assert not check("adapter")
 
 
 def fake_embed(texts, embedder=None):
@@ -102,7 +110,7 @@ def test_stacked_sweep_equals_radius_by_radius(monkeypatch):
     stacked = []
     monkeypatch.setattr(rs, "stacked_trials", lambda *a, **k: stacked.append(1) or sweep_batch.stacked_trials(*a, **k))
     fast = rs.sweep_radius(lm, PROMPTS, "melbo", s, 0, 2, GenerationConfig(), **kw)
-    monkeypatch.setattr(rs, "stacks", lambda method, settings: False)
+    monkeypatch.setattr(rs, "stacks", lambda *a: False)
     slow = rs.sweep_radius(lm, PROMPTS, "melbo", s, 0, 2, GenerationConfig(), **kw)
     assert stacked == [1]  # the first sweep took the fast path, the second did not
     assert fast["chosen"] == slow["chosen"] and fast["completions"] == slow["completions"]
