@@ -38,25 +38,12 @@ from melbo.eval.behaviors import LINKAGE, THRESHOLD, adjusted_rand_index, change
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "judge")
 LINKAGES = ("average", "complete")
 GRID = [round(float(t), 3) for t in np.arange(0.05, 1.2001, 0.025)]
-STORY = "Once upon a time, there was a little girl named Lily. She liked to play with her ball in the garden."
-TOPICS = [
-    [
-        "The chef boiled the pasta and stirred the tomato sauce in a big pot.",
-        "He cooked spaghetti in boiling water and made a tomato sauce for dinner.",
-        "Dinner was pasta: the cook boiled noodles and simmered a tomato sauce.",
-    ],
-    [
-        "The football team scored a late goal and won the match in the stadium.",
-        "In the final minute the striker kicked the ball into the net and the team won the game.",
-        "The soccer match ended when the home team scored the winning goal.",
-    ],
-    [
-        "The rocket launched into space carrying three astronauts to the moon.",
-        "Astronauts flew a spaceship to the moon after the rocket lifted off.",
-        "A space rocket blasted off, taking the crew of astronauts toward the moon.",
-    ],
-]
-"""The constructed check: unsteered text STORY, three behaviors of three paraphrases each."""
+with open(os.path.join(DATA, "constructed_topics.json"), encoding="utf-8") as _f:
+    _CONSTRUCTED = json.load(_f)
+STORY: str = _CONSTRUCTED["unsteered"]
+TOPICS: list[list[str]] = _CONSTRUCTED["topics"]
+"""The constructed check (``data/judge/constructed_topics.json``, shared with the tests): unsteered
+text STORY, three behaviors of three paraphrases each."""
 
 
 def load_new(folder: str) -> list[dict]:

@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 from conftest import tiny_loaded
@@ -28,24 +29,13 @@ from melbo.eval.behaviors import (
     run_items,
 )
 
-STORY = "Once upon a time, there was a little girl named Lily. She liked to play with her ball in the garden."
-TOPICS = [
-    [
-        "The chef boiled the pasta and stirred the tomato sauce in a big pot.",
-        "He cooked spaghetti in boiling water and made a tomato sauce for dinner.",
-        "Dinner was pasta: the cook boiled noodles and simmered a tomato sauce.",
-    ],
-    [
-        "The football team scored a late goal and won the match in the stadium.",
-        "In the final minute the striker kicked the ball into the net and the team won the game.",
-        "The soccer match ended when the home team scored the winning goal.",
-    ],
-    [
-        "The rocket launched into space carrying three astronauts to the moon.",
-        "Astronauts flew a spaceship to the moon after the rocket lifted off.",
-        "A space rocket blasted off, taking the crew of astronauts toward the moon.",
-    ],
-]
+_CONSTRUCTED = json.loads(
+    (Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "judge" / "constructed_topics.json").read_text(
+        "utf-8"
+    )
+)
+STORY: str = _CONSTRUCTED["unsteered"]  # three topics of three paraphrases each, far from this story
+TOPICS: list[list[str]] = _CONSTRUCTED["topics"]
 
 
 @pytest.fixture(scope="module")
