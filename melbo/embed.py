@@ -27,13 +27,20 @@ from melbo.core.model_files import first_line, load_sentence_transformer
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
 
+def named_embedder(embedder: str | None = None) -> str | None:
+    """The embedding model the user named: ``embedder``, else ``MELBO_EMBEDDER``, else None (then
+    :func:`embedder_path` looks for the offline package). A named one that fails is an error for
+    every caller; only an unnamed, uninstalled one may fall back to a text distance."""
+    return embedder or os.environ.get("MELBO_EMBEDDER") or None
+
+
 def embedder_path(embedder: str | None = None) -> str:
     """Where the sentence-embedding model is (module docstring).
 
     Raises:
         MelboError: none is given and the offline package is not installed.
     """
-    name = embedder or os.environ.get("MELBO_EMBEDDER")
+    name = named_embedder(embedder)
     if name:
         return name
     try:

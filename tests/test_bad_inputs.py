@@ -99,6 +99,13 @@ def files(tmp_path_factory):
         == 0
     )
     f["adapters"] = str(adapters)
+    norank = shutil.copytree(
+        adapters / "peft" / "adapter_000", root / "adapter-norank"
+    )  # adapter_config.json without r
+    cfg = json.loads((norank / "adapter_config.json").read_text())
+    del cfg["r"]
+    (norank / "adapter_config.json").write_text(json.dumps(cfg))
+    f["adapter_norank"] = str(norank)
     data = (run / "bank.safetensors").read_bytes()
     (root / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     f["truncated"] = str(root / "truncated.safetensors")
@@ -580,6 +587,12 @@ case("generate-neither", ["generate", "--prompt", "Hi"], r"give exactly one of -
 case(
     "generate-adapter-not-peft", ["generate", "--adapter", "{empty}", "--prompt", "Hi"], r"is not a PEFT adapter folder"
 )
+bug(
+    "d",
+    "generate-adapter-no-rank",
+    ["generate", "--adapter", "{adapter_norank}", "--prompt", "Hi"],
+    r"adapter_config.json': 'r' must be a whole number >= 1 \(the LoRA rank\), got nothing",
+)
 case(
     "generate-adapter-rescale",
     ["generate", "--adapter", "{adapters}/peft/adapter_000", "--prompt", "Hi", "--rescale", "2"],
@@ -1021,12 +1034,16 @@ def test_each_custom_code_case_names_a_folder_with_custom_code():
 
 
 def test_report_never_runs_an_embedders_code(files, tmp_path, capsys, monkeypatch):
-    """report's one model is the sentence embedder (MELBO_EMBEDDER): one that needs custom code is refused and the
-    report falls back to character similarity."""
+    """report's one model is the sentence embedder (MELBO_EMBEDDER): one that needs custom code is refused, and as the
+    user named it the refusal is an error naming it (no fallback to character similarity), with nothing written."""
     monkeypatch.setenv("MELBO_EMBEDDER", files["evil"])
-    assert _run(["report", files["bank"], "--out", str(tmp_path / "r.html")]) == 0, capsys.readouterr().err[-2000:]
+    out = tmp_path / "r.html"
+    assert _run(["report", files["bank"], "--out", str(out)]) == 2
+    err = capsys.readouterr().err
     assert not Path(files["sentinel"]).exists(), "melbo report ran the embedder's code"
-    assert "character similarity" in (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "Traceback" not in err and "MELBO_EMBEDDER" in err and files["evil"] in err, err[-2000:]
+    assert "needs custom code" in err, err[-2000:]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("cid, argv, pattern", CASES, ids=[c[0] for c in CASES])

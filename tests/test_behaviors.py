@@ -269,6 +269,14 @@ def test_no_embedder_skips_the_count(tmp_path, monkeypatch):
     def missing(embedder=None):
         raise MelboError("no sentence-embedding model")
 
+    monkeypatch.delenv("MELBO_EMBEDDER", raising=False)
     monkeypatch.setattr(bh, "embedder_path", missing)
     assert bh.run_behaviors(tmp_path) == {"skipped": "no sentence-embedding model"}
+    assert not (tmp_path / "enumeration.png").exists()
+
+
+def test_a_named_embedder_that_fails_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MELBO_EMBEDDER", str(tmp_path / "no-such-embedder"))
+    with pytest.raises(MelboError, match="no-such-embedder"):
+        bh.run_behaviors(tmp_path)
     assert not (tmp_path / "enumeration.png").exists()

@@ -107,11 +107,15 @@ def test_without_an_embedding_model_it_warns_and_falls_back(monkeypatch):
         raise MelboError("no sentence-embedding model")
 
     monkeypatch.setattr(judge_module, "embed", missing)
+    monkeypatch.delenv("MELBO_EMBEDDER", raising=False)
     with pytest.warns(UserWarning, match="word-overlap"):
         (r,) = judge(rows([FLUENT]))
     assert r["label"] == "new" and r["scores"]["distance_measure"] == "overlap"
     with pytest.raises(MelboError, match="no sentence-embedding"):  # a model the caller named must load
         judge(rows([FLUENT]), embedder="some/embedder")
+    monkeypatch.setenv("MELBO_EMBEDDER", "some/embedder")  # named by the environment: the same
+    with pytest.raises(MelboError, match="no sentence-embedding"):
+        judge(rows([FLUENT]))
 
 
 def test_rows_are_checked_and_kept():

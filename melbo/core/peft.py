@@ -103,6 +103,32 @@ def save_peft_adapter(
     return Path(folder)
 
 
+def _peft_scale(cfg: dict, cfg_path: Path, rows: int) -> float:
+    """PEFT's LoRA scale ``lora_alpha / r`` (``lora_alpha / √r`` with ``use_rslora``; PEFT's
+    ``LoraLayer.update_layer``) from an adapter config whose weights have rank ``rows``.
+
+    Raises:
+        MelboError: ``r`` missing, not a whole number ≥ 1, or not the rank of the weights;
+            ``lora_alpha`` missing or not a finite number; ``use_rslora`` not true/false (naming the
+            file, the key and the value).
+    """
+
+    def bad(key: str, allowed: str) -> MelboError:
+        got = repr(cfg[key]) if key in cfg else "nothing (the key is missing)"
+        return MelboError(f"adapter config {str(cfg_path)!r}: {key!r} must be {allowed}, got {got}")
+
+    r, alpha, rslora = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("use_rslora", False)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise bad("r", "a whole number >= 1 (the LoRA rank)")
+    if r != rows:
+        raise bad("r", f"the rank of the LoRA weights, {rows}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise bad("lora_alpha", "a finite number")
+    if not isinstance(rslora, bool):
+        raise bad("use_rslora", "true or false")
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
 def load_peft_adapter(folder: str | os.PathLike) -> LoadedAdapter:
     """Read a PEFT LoRA folder with one target module (melbo's, or any such LoRA adapter).
 
@@ -111,7 +137,9 @@ def load_peft_adapter(folder: str | os.PathLike) -> LoadedAdapter:
 
     Raises:
         MelboError: no such folder or files, unreadable files, not a LoRA adapter, DoRA, several
-            target modules, non-finite weights, a folder that names custom code (``auto_map``).
+            target modules, non-finite weights, a folder that names custom code (``auto_map``), a config
+            that is not a JSON object or whose ``r``, ``lora_alpha`` or ``use_rslora`` is missing or
+            invalid (:func:`_peft_scale`).
     """
     folder = Path(folder)
     cfg_path, w_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
@@ -122,10 +150,14 @@ def load_peft_adapter(folder: str | os.PathLike) -> LoadedAdapter:
         )
     check_model_folder(folder, "PEFT adapter folder", weights=False)  # its weights are read below
     cfg = read_json(cfg_path, "adapter config")
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
-        kind = cfg.get("peft_type") if isinstance(cfg, dict) else type(cfg).__name__
+    if not isinstance(cfg, dict):
         raise MelboError(
-            f"adapter {str(folder)!r} is {kind}{' (DoRA)' if isinstance(cfg, dict) and cfg.get('use_dora') else ''}; "
+            f"adapter config {str(cfg_path)!r} is a JSON {type(cfg).__name__}, not an object; "
+            f"give a PEFT adapter_config.json (an object with peft_type, r, lora_alpha)"
+        )
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+        raise MelboError(
+            f"adapter {str(folder)!r} is {cfg.get('peft_type')}{' (DoRA)' if cfg.get('use_dora') else ''}; "
             f"melbo applies plain LoRA adapters only"
         )
     try:
@@ -154,9 +186,7 @@ def load_peft_adapter(folder: str | os.PathLike) -> LoadedAdapter:
             f"(or non-finite values); expected finite [r, d_hidden] and [d_model, r]"
         )
     module_name = name[len("base_model.model.") :] if name.startswith("base_model.model.") else name
-    r = int(cfg["r"])
-    alpha = float(cfg.get("lora_alpha", r))
-    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    scale = _peft_scale(cfg, cfg_path, int(a.shape[0]))
     meta_path = folder / ADAPTER_META
     meta = read_json(meta_path, "adapter metadata") if meta_path.is_file() else {}
     return LoadedAdapter(a.T.contiguous(), b, scale, module_name, meta if isinstance(meta, dict) else {}, str(folder))

@@ -50,7 +50,7 @@ from scipy.spatial.distance import pdist
 from melbo.core.errors import MelboError
 from melbo.core.io import read_text
 from melbo.core.models import LoadedModel
-from melbo.embed import distance_to, embed, embedder_path
+from melbo.embed import distance_to, embed, embedder_path, named_embedder
 from melbo.eval.judge import judge
 from melbo.report.behaviors import plot_enumeration, plot_frontier
 
@@ -357,12 +357,17 @@ def run_behaviors(
 
     Returns:
         the result of :func:`find_behaviors` with ``labeller`` and ``embedder`` added, or
-        ``{"skipped": reason}`` when no sentence-embedding model can be loaded.
+        ``{"skipped": reason}`` when no sentence-embedding model is installed and none is named.
+
+    Raises:
+        MelboError: the embedding model named by ``MELBO_EMBEDDER`` cannot be loaded.
     """
     try:
         path = embedder_path()
         embed(["probe"], path)  # loads the model once (cached): a missing or broken one skips the count
     except MelboError as e:
+        if named_embedder():  # a model the user named that fails is an error, as in the judge
+            raise
         return {"skipped": str(e)}
     items = run_items(folder)
     how = "a caller's labeller" if labeller else "the behavior judge (melbo.eval.judge)"

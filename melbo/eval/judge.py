@@ -53,7 +53,7 @@ from typing import Any
 from melbo.core.errors import MelboError
 from melbo.core.io import read_text
 from melbo.core.models import LoadedModel
-from melbo.embed import distance_to, embed
+from melbo.embed import distance_to, embed, named_embedder
 from melbo.eval.features import lm_features, overlap_distance, pair_features, text_features
 from melbo.quality import token_logprobs
 
@@ -172,7 +172,7 @@ def _distances(rows: list[dict], embedder: str | bool | None) -> tuple[list[floa
             index = {t: j for j, t in enumerate(texts)}
             emb = embed(texts, embedder if isinstance(embedder, str) else None) if texts else None
         except MelboError as e:
-            if embedder:  # an embedding model the caller named: its failure is an error
+            if embedder or named_embedder():  # a model the caller or MELBO_EMBEDDER named: its failure is an error
                 raise
             warnings.warn(
                 f"no sentence-embedding model ({e}); new vs unchanged falls back to the word-overlap distance",
@@ -251,7 +251,7 @@ def judge(
 
     Raises:
         MelboError: a row without a string ``prompt``, ``unsteered`` or ``completion`` (naming the
-            row number and key); a named ``embedder`` that cannot be loaded.
+            row number and key); a named ``embedder`` (or ``MELBO_EMBEDDER``) that cannot be loaded.
     """
     rows = check_rows(rows)
     dist, measure = _distances(rows, embedder)

@@ -32,7 +32,7 @@ from melbo.bank import BANK_FILE, Bank
 from melbo.core.errors import MelboError
 from melbo.core.io import read_json, read_text, write_text
 from melbo.core.outputs import check_output_file
-from melbo.embed import embed
+from melbo.embed import embed, named_embedder
 from melbo.eval.labels import JUDGE_NAME, ORDER, count_labels
 from melbo.report.completions import COMPLETIONS, similarity
 from melbo.report.summary import SUMMARY_JSON, TITLES, settings_line
@@ -75,12 +75,18 @@ def _rows(folder: Path) -> list[dict]:
 
 def _distances(texts: list[str]) -> tuple[np.ndarray, str]:
     """Pairwise distances ``[n, n]`` of texts: cosine distance of sentence embeddings, or
-    ``1 - character similarity`` when no embedding model is installed."""
+    ``1 - character similarity`` when no embedding model is installed and none is named.
+
+    Raises:
+        MelboError: the embedding model named by ``MELBO_EMBEDDER`` is refused or cannot be loaded.
+    """
     try:
         e = embed(texts).double()
         e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return (1 - e @ e.T).clamp_min(0).numpy(), "cosine distance of sentence embeddings"
-    except MelboError:
+    except MelboError as err:
+        if named_embedder():  # the user named this model: its failure is an error, as in the judge
+            raise MelboError(f"MELBO_EMBEDDER={named_embedder()!r}: {err}") from None
         d = np.array([[1 - similarity(a, b) for b in texts] for a in texts])
         return d, "1 - character similarity (no sentence-embedding model installed)"
 
@@ -125,7 +131,8 @@ def report_data(folder: str | os.PathLike) -> dict[str, Any]:
 
     Raises:
         MelboError: not a folder, or a folder with neither a bank nor a benchmark report; a
-            malformed file; a bank with no perturbations.
+            malformed file; a bank with no perturbations; a ``MELBO_EMBEDDER`` model that is refused or
+            cannot be loaded (with no embedder named or installed the page uses character similarity).
     """
     root = Path(folder)
     if not root.is_dir():

@@ -80,3 +80,42 @@ def test_load_peft_adapter_errors(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"junk")
     with pytest.raises(MelboError, match="not a readable safetensors"):
         load_peft_adapter(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "cfg, pattern",
+    [
+        ([1, 2], r"adapter_config.json' is a JSON list, not an object"),
+        ({}, r"'r' must be a whole number >= 1 \(the LoRA rank\), got nothing \(the key is missing\)"),
+        ({"r": "x"}, r"'r' must be a whole number >= 1 \(the LoRA rank\), got 'x'"),
+        ({"r": 0}, r"'r' must be a whole number >= 1 .*, got 0"),
+        ({"r": True}, r"'r' must be a whole number >= 1 .*, got True"),
+        ({"r": 2.5}, r"'r' must be a whole number >= 1 .*, got 2.5"),
+        ({"r": 3, "lora_alpha": 3}, r"'r' must be the rank of the LoRA weights, 2, got 3"),
+        ({"r": 2}, r"'lora_alpha' must be a finite number, got nothing \(the key is missing\)"),
+        ({"r": 2, "lora_alpha": "2"}, r"'lora_alpha' must be a finite number, got '2'"),
+        ({"r": 2, "lora_alpha": None}, r"'lora_alpha' must be a finite number, got None"),
+        ({"r": 2, "lora_alpha": 2, "use_rslora": "yes"}, r"'use_rslora' must be true or false, got 'yes'"),
+    ],
+)
+def test_load_peft_adapter_checks_its_config(tmp_path, cfg, pattern):
+    """Each key of adapter_config.json that the scale is read from is checked: an error names the
+    file, the key, the value and what is allowed (never a KeyError/ValueError traceback)."""
+    if isinstance(cfg, dict):
+        cfg = {"peft_type": "LORA", **cfg}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    w = {"base_model.model.m.lora_A.weight": torch.ones(2, 3), "base_model.model.m.lora_B.weight": torch.ones(4, 2)}
+    save_file(w, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(MelboError, match=pattern) as e:
+        load_peft_adapter(tmp_path)
+    assert str(tmp_path / "adapter_config.json") in str(e.value)
+
+
+@pytest.mark.parametrize("rslora, scale", [(False, 3 / 2), (True, 3 / 2**0.5)])
+def test_load_peft_adapter_scale(tmp_path, rslora, scale):
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 3, "use_rslora": rslora})
+    )
+    w = {"base_model.model.m.lora_A.weight": torch.ones(2, 3), "base_model.model.m.lora_B.weight": torch.ones(4, 2)}
+    save_file(w, str(tmp_path / "adapter_model.safetensors"))
+    assert load_peft_adapter(tmp_path).scale == pytest.approx(scale)

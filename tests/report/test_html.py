@@ -75,3 +75,25 @@ def test_clusters_cut_at_the_threshold():
 
 def test_markdown_escapes_html():
     assert markdown_html("a <b>`x`</b>") == "<p>a &lt;b&gt;<code>x</code>&lt;/b&gt;</p>"
+
+
+def test_a_named_embedder_that_fails_is_an_error(run_dir, tmp_path, monkeypatch):
+    """MELBO_EMBEDDER names the model: when it cannot be loaded the report stops with an error
+    naming it, and writes nothing (no silent fallback to character similarity)."""
+    broken = tmp_path / "broken-embedder"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json", encoding="utf-8")
+    monkeypatch.setenv("MELBO_EMBEDDER", str(broken))
+    out = tmp_path / "page.html"
+    with pytest.raises(MelboError, match=r"MELBO_EMBEDDER=.*broken-embedder"):
+        write_html_report(run_dir, out)
+    assert not out.exists()
+
+
+def test_no_embedder_installed_nor_named_falls_back(run_dir, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.delenv("MELBO_EMBEDDER", raising=False)
+    monkeypatch.setitem(sys.modules, "all_minilm_l6_v2", None)  # the offline package: not installed
+    page = write_html_report(run_dir, tmp_path / "page.html").read_text(encoding="utf-8")
+    assert "character similarity (no sentence-embedding model installed)" in page
