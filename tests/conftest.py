@@ -153,3 +153,31 @@ def shared_model_path(name: str) -> Path:
             f"real model {name} not found at {path} (../shared/models is absent outside the project's machines)"
         )
     return path
+
+
+def save_tiny_planted(folder: Path) -> Path:
+    """A random (untrained) model of the default planted spec's shape (32 wide, 2 blocks), saved into
+    ``folder`` like `melbo plant` saves one (weights, character tokenizer, the spec file)."""
+    from melbo.planted.plant import SPEC_FILE
+    from melbo.planted.spec import load_spec, parse_spec, spec_to_dict
+    from melbo.planted.tokenizer import build_char_tokenizer
+    from melbo.planted.training import build_model
+
+    obj = spec_to_dict(load_spec(None))
+    obj["model"] = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
+    spec = parse_spec(obj, "tiny")
+    torch.manual_seed(0)
+    tok = build_char_tokenizer()
+    build_model(spec, tok, max_positions=128).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (Path(folder) / SPEC_FILE).write_text(json.dumps(spec_to_dict(spec)))
+    return Path(folder)
+
+
+def fake_embed(texts, embedder=None):
+    """Bag-of-characters embeddings: enough to tell texts apart without a model."""
+    out = torch.zeros(len(texts), 128)
+    for i, t in enumerate(texts):
+        for ch in t:
+            out[i, ord(ch) % 128] += 1
+    return torch.nn.functional.normalize(out + 1e-6, dim=-1)

@@ -15,17 +15,14 @@ import json
 import os
 
 import pytest
-import torch
-from conftest import char_tokenizer, tiny_model
+from conftest import char_tokenizer, save_tiny_planted, tiny_model
 
 from melbo.bank import Bank
 from melbo.cli import main
 from melbo.core.errors import MelboError
 from melbo.core.outputs import MARKER, check_output_file, claim_folder, folder_owner
-from melbo.planted.plant import SPEC_FILE, plant
-from melbo.planted.spec import load_spec, parse_spec, spec_to_dict
-from melbo.planted.tokenizer import build_char_tokenizer
-from melbo.planted.training import build_model
+from melbo.planted.plant import plant
+from melbo.planted.spec import load_spec
 
 TRAIN = ["--prompt", "Hello there.", "--num-vectors", "2", "--steps", "2", "--radius", "2", "--max-new-tokens", "4"]
 
@@ -66,16 +63,7 @@ def run_dir(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """A random model of a planted model's shape, saved like `melbo plant` saves one."""
-    obj = spec_to_dict(load_spec(None))
-    obj["model"] = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
-    spec = parse_spec(obj, "tiny")
-    folder = tmp_path_factory.mktemp("planted")
-    torch.manual_seed(0)
-    tok = build_char_tokenizer()
-    build_model(spec, tok, max_positions=128).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / SPEC_FILE).write_text(json.dumps(spec_to_dict(spec)))
-    return folder
+    return save_tiny_planted(tmp_path_factory.mktemp("planted"))
 
 
 def user_folder(tmp_path, *names: str):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_loaded
+from conftest import fake_embed, tiny_loaded
 
 import melbo
 import melbo.methods.radius_sweep as rs
@@ -34,15 +34,6 @@ def test_group_scores():
     assert s["diversity"] == pytest.approx(1.0) and s["score"] == pytest.approx(2 / 3)
     same = group_scores(["u", "u"], "u", torch.stack([base, base]), base, [True, True])
     assert same["changed"] == 0 and same["diversity"] == pytest.approx(0.0) and same["different"] == 0
-
-
-def fake_embed(texts, embedder=None):
-    """Bag-of-characters embeddings: enough to tell texts apart without a model."""
-    out = torch.zeros(len(texts), 128)
-    for i, t in enumerate(texts):
-        for ch in t:
-            out[i, ord(ch) % 128] += 1
-    return torch.nn.functional.normalize(out + 1e-6, dim=-1)
 
 
 def test_auto_radius_runs_the_sweep_and_records_it(tmp_path, monkeypatch):

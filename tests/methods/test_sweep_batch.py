@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_loaded
+from conftest import fake_embed, tiny_loaded
 
 import melbo.methods.radius_sweep as rs
 from melbo.core.generate import GenerationConfig, generate
@@ -91,15 +91,6 @@ def test_which_settings_stack():
     assert not check(memory_gb=1e-9)  # the method would split the vectors of one R for want of memory
     assert not check(effect_penalty=0.5)  # couples a block's vectors
     assert not check("adapter")
-
-
-def fake_embed(texts, embedder=None):
-    """Bag-of-characters embeddings: enough to tell texts apart without a model."""
-    out = torch.zeros(len(texts), 128)
-    for i, t in enumerate(texts):
-        for ch in t:
-            out[i, ord(ch) % 128] += 1
-    return torch.nn.functional.normalize(out + 1e-6, dim=-1)
 
 
 def test_stacked_sweep_equals_radius_by_radius(monkeypatch):

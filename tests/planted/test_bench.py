@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import char_tokenizer
+from conftest import char_tokenizer, save_tiny_planted
 
 from melbo.cli import main
 from melbo.core.errors import MelboError
@@ -23,7 +23,6 @@ from melbo.planted.scoring import Judge, parse_problem, score_labels
 from melbo.planted.spec import load_spec, parse_spec, spec_to_dict
 from melbo.planted.story import story_groups
 from melbo.planted.sweep import run_sweep, sweep_markdown
-from melbo.planted.tokenizer import build_char_tokenizer
 from melbo.planted.training import build_model
 
 # ---------------------------------------------------------------- scoring
@@ -177,16 +176,7 @@ def test_story_prompts_are_clean_and_never_trained_on():
 @pytest.fixture(scope="module")
 def tiny_planted(tmp_path_factory):
     """A random (untrained) model of a planted model's shape, saved like `melbo plant` saves one."""
-    obj = spec_to_dict(load_spec(None))
-    obj["model"] = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64}
-    spec = parse_spec(obj, "tiny")
-    folder = tmp_path_factory.mktemp("planted")
-    torch.manual_seed(0)
-    tok = build_char_tokenizer()
-    build_model(spec, tok, max_positions=128).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / SPEC_FILE).write_text(json.dumps(spec_to_dict(spec)))
-    return folder
+    return save_tiny_planted(tmp_path_factory.mktemp("planted"))
 
 
 def test_end_to_end_cli_writes_reports(tiny_planted, tmp_path, monkeypatch):
